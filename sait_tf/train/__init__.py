@@ -1,0 +1,1 @@
+"""Trainers: custom tf.function GradientTape loops over tf.data, wired by gin."""

@@ -1,0 +1,75 @@
+"""The one checkpoint helper: build optimiser slots, restore the latest, save atomically."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class StageCheckpoint:
+    """A ``tf.train.CheckpointManager`` over named trackables plus a step counter.
+
+    Keras 3 optimisers create their slots lazily, so optimisers are built on the variables
+    they train before restoring; otherwise their state would be silently dropped.
+    ``CheckpointManager`` writes to temporary names and renames, so a kill never leaves a
+    checkpoint that looks complete but is not.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        max_to_keep: int = 3,
+        optimizers: dict[str, tuple[keras.optimizers.Optimizer, list]] | None = None,
+        **trackables,
+    ) -> None:
+        for opt, variables in (optimizers or {}).values():
+            if not opt.built:
+                opt.build(variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        objects = dict(trackables)
+        objects.update({name: opt for name, (opt, _) in (optimizers or {}).items()})
+        self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
+        self.directory = directory
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
+
+    def restore_latest(self) -> int:
+        """Restores the newest checkpoint if there is one; returns the step it resumes at."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Resumed %s at step %d", latest, int(self.step.numpy()))
+        return int(self.step.numpy())
+
+    def save(self, step: int) -> str:
+        self.step.assign(step)
+        return self.manager.save(checkpoint_number=step)
+
+    @property
+    def latest(self) -> str | None:
+        return self.manager.latest_checkpoint
+
+
+def is_stage_done(stage_dir: str) -> bool:
+    """True when ``mark_stage_done`` was called for this stage directory."""
+    return os.path.exists(os.path.join(stage_dir, "DONE"))
+
+
+def mark_stage_done(stage_dir: str) -> None:
+    """Marks a stage complete with an atomically renamed marker file."""
+    os.makedirs(stage_dir, exist_ok=True)
+    tmp = os.path.join(stage_dir, "DONE.tmp")
+    with open(tmp, "w") as f:
+        f.write("done\n")
+    os.replace(tmp, os.path.join(stage_dir, "DONE"))
+
+
+def restore_for_inference(stage_dir: str, **trackables) -> str:
+    """Restores only ``trackables`` (e.g. ``segmenter=model``) from a stage's newest checkpoint."""
+    latest = tf.train.latest_checkpoint(stage_dir)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {stage_dir}")
+    tf.train.Checkpoint(**trackables).restore(latest).expect_partial().assert_existing_objects_matched()
+    return latest
