@@ -34,3 +34,47 @@ def binary_cross_entropy_with_logits(logits: tf.Tensor, target: float) -> tf.Ten
     return tf.reduce_mean(
         tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.fill(tf.shape(logits), target),
                                                 logits=logits))
+
+
+def l1_loss(prediction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """Mean absolute difference: image reconstruction (Eq. 2), image and latent cycle (Eq. 4)."""
+    return tf.reduce_mean(tf.abs(tf.cast(prediction, tf.float32) - tf.cast(target, tf.float32)))
+
+
+def lsgan_discriminator_loss(real_outputs: list[tf.Tensor],
+                             fake_outputs: list[tf.Tensor]) -> tf.Tensor:
+    """LSGAN loss of a multi-scale discriminator (Eq. 3): real -> 1, fake -> 0.
+
+    Per scale 1/2 E[(D(real) - 1)^2] + 1/2 E[D(fake)^2] over every patch score, summed over
+    the scales. Eq. 3 prints both players' targets in one expression, with the labels
+    swapped on the real term; this is the standard pair of Mao et al. with the paper's 1/2.
+    """
+    return tf.add_n([
+        0.5 * tf.reduce_mean(tf.square(tf.cast(real, tf.float32) - 1.0))
+        + 0.5 * tf.reduce_mean(tf.square(tf.cast(fake, tf.float32)))
+        for real, fake in zip(real_outputs, fake_outputs, strict=True)])
+
+
+def lsgan_generator_loss(fake_outputs: list[tf.Tensor]) -> tf.Tensor:
+    """LSGAN loss of the translator against a multi-scale discriminator (Eq. 3): fake -> 1.
+
+    Per scale 1/2 E[(D(x_{A->B}) - 1)^2], the fake term of Eq. 3, summed over the scales.
+    """
+    return tf.add_n([0.5 * tf.reduce_mean(tf.square(tf.cast(fake, tf.float32) - 1.0))
+                     for fake in fake_outputs])
+
+
+def symmetric_cross_entropy(logits: tf.Tensor, translated_logits: tf.Tensor) -> tf.Tensor:
+    """Symmetric cross-entropy between M(x) and M(x_{A->B}) (Eq. 5).
+
+    -sum_c p_t log p - sum_c p log p_t per pixel, with p = softmax(M(x)) and
+    p_t = softmax(M(x_{A->B})), averaged over pixels and batch. Both logits come from the
+    same segmenter at the same resolution; gradients flow into both arguments.
+    """
+    logits = tf.cast(logits, tf.float32)
+    translated_logits = tf.cast(translated_logits, tf.float32)
+    log_p = tf.nn.log_softmax(logits, axis=-1)
+    log_p_translated = tf.nn.log_softmax(translated_logits, axis=-1)
+    per_pixel = -tf.reduce_sum(tf.exp(log_p_translated) * log_p + tf.exp(log_p) * log_p_translated,
+                               axis=-1)
+    return tf.reduce_mean(per_pixel)

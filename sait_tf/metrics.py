@@ -64,7 +64,7 @@ class ConfusionMatrix:
         self.matrix += counts.reshape(classes, classes + 1)
 
     def add_counts(self, counts: np.ndarray | tf.Tensor) -> None:
-        """Adds a ``[num_classes, num_classes + 1]`` count matrix (e.g. from ``confusion_counts``)."""
+        """Adds a ``[num_classes, num_classes + 1]`` count matrix, e.g. ``confusion_counts``."""
         counts = np.asarray(counts, dtype=np.int64)
         if counts.shape != self.matrix.shape:
             raise ValueError(f"counts shape {counts.shape} != confusion matrix shape "
@@ -105,8 +105,9 @@ def confusion_counts(gt_train_ids: tf.Tensor, pred_train_ids: tf.Tensor,
                      num_classes: int = labels.NUM_CLASSES) -> tf.Tensor:
     """In-graph ``[num_classes, num_classes + 1]`` int64 counts, the layout of ``ConfusionMatrix``.
 
-    Ignored ground truth is dropped; predictions outside ``0..num_classes-1`` go to the void
-    column. Sum these over batches (and replicas) and pass them to ``ConfusionMatrix.add_counts``.
+    Ground truth outside ``0..num_classes-1`` (the ignore index) is dropped; predictions outside
+    it go to the void column. Sum these over batches (and replicas) and pass the sum to
+    ``ConfusionMatrix.add_counts``.
     """
     gt = tf.reshape(tf.cast(gt_train_ids, tf.int64), [-1])
     pred = tf.reshape(tf.cast(pred_train_ids, tf.int64), [-1])

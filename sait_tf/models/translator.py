@@ -1,0 +1,371 @@
+"""The semantically adaptive translation network F (paper Sec. 3.1-3.2, REFERENCE.md section 3).
+
+Two auto-encoders share a latent space: encoders E_S, E_T and generators G_S, G_T. The
+generators' residual blocks normalise with Instance Norm followed by SPADE conditioned on the
+segmenter's unnormalised logits of the image being translated, so every pixel is denormalised
+according to its predicted class (Eq. 6). x_{A->B} = G_B(E_A(x_A), M(x_A)). Images are RGB in
+[-1, 1]; every convolution is spectrally normalised.
+"""
+
+from __future__ import annotations
+
+import gin
+import keras
+import tensorflow as tf
+
+from sait_tf import images
+
+DOMAINS = ("source", "target")
+RESIDUAL_NORMS = ("spade", "in")
+INSTANCE_NORM_EPSILON = 1e-5
+LAYER_NORM_EPSILON = 1e-5
+
+
+class SpectralNormalization(keras.layers.SpectralNormalization):
+    """Keras' spectral normalisation of a ``Conv2D``, without branches and exact at inference.
+
+    ``training=True`` does what Keras does: ``power_iterations`` from the stored
+    ``vector_u``, then the kernel divided by its spectral norm estimate sigma is written back
+    into the kernel variable with the new ``vector_u`` (so gradients and optimiser updates
+    act on the normalised kernel, as in TensorFlow Addons). Keras guards an all-zero kernel
+    with a ``cond`` per call, which makes tracing a training step several times slower; here
+    sigma is floored instead. With ``training=False`` Keras convolves with the stored kernel
+    as it is: unnormalised before the first training call, and off by the last optimiser
+    update after training. Here inference convolves with the kernel the next training call
+    would use (stored kernel over sigma from the stored ``vector_u``) and changes no
+    variable, like PyTorch's ``spectral_norm`` in eval mode.
+    """
+
+    def __init__(self, layer: keras.layers.Conv2D, **kwargs) -> None:
+        if not isinstance(layer, keras.layers.Conv2D) or layer.activation not in (
+                None, keras.activations.linear):
+            raise ValueError("SpectralNormalization here wraps a Conv2D without activation")
+        super().__init__(layer, **kwargs)
+
+    def normalized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(vector_u after the power iterations, kernel / sigma)``; changes no variable."""
+        kernel = self.kernel.value
+        matrix = tf.reshape(kernel, [-1, self.kernel_shape[-1]])
+        vector_u = self.vector_u.value
+        for _ in range(self.power_iterations):
+            vector_v = tf.math.l2_normalize(tf.matmul(vector_u, matrix, transpose_b=True))
+            vector_u = tf.math.l2_normalize(tf.matmul(vector_v, matrix))
+        vector_u = tf.stop_gradient(vector_u)
+        vector_v = tf.stop_gradient(vector_v)
+        sigma = tf.matmul(tf.matmul(vector_v, matrix), vector_u, transpose_b=True)
+        return vector_u, kernel / tf.maximum(sigma[0, 0], 1e-12)
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        vector_u, kernel = self.normalized_weights()
+        if training:
+            self.vector_u.assign(vector_u)
+            self.kernel.assign(kernel)
+            return self.layer(inputs)
+        outputs = self.layer.convolution_op(inputs, kernel)
+        if self.layer.use_bias:
+            outputs = outputs + self.layer.bias
+        return outputs
+
+
+def add_sublayers(owner: keras.layers.Layer, prefix: str,
+                  layers: list[keras.layers.Layer]) -> list[keras.layers.Layer]:
+    """Sets ``layers`` as attributes ``prefix_0, prefix_1, ...`` of ``owner`` and returns them.
+
+    Keras 3.15 on TensorFlow leaves layers held in a list or dict out of
+    ``tf.train.Checkpoint``: only attributes are checkpointed.
+    """
+    for i, layer in enumerate(layers):
+        setattr(owner, f"{prefix}_{i}", layer)
+    return layers
+
+
+def spectral_conv(filters: int, kernel_size: int, strides: int = 1,
+                  name: str | None = None) -> SpectralNormalization:
+    """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly)."""
+    return SpectralNormalization(
+        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid"), name=name)
+
+
+def reflect_pad(x: tf.Tensor, pad: int) -> tf.Tensor:
+    """Mirror padding of H and W by ``pad`` pixels (PyTorch's ReflectionPad2d)."""
+    if pad == 0:
+        return x
+    return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+
+
+def instance_norm(affine: bool, name: str | None = None) -> keras.layers.GroupNormalization:
+    """Instance Norm: one group per channel, statistics per sample over H and W."""
+    return keras.layers.GroupNormalization(groups=-1, epsilon=INSTANCE_NORM_EPSILON,
+                                           center=affine, scale=affine, name=name)
+
+
+class LayerNormCHW(keras.layers.Layer):
+    """Layer Norm of the up-sampling blocks: per sample over C, H and W together.
+
+    Unlike ``keras.layers.LayerNormalization(axis=-1)``, which normalises each pixel over its
+    channels, the statistics here span the whole sample (Ba et al., as in MUNIT), keeping
+    the relative contrast between pixels; the affine ``gamma`` and ``beta`` are per channel.
+    """
+
+    def __init__(self, epsilon: float = LAYER_NORM_EPSILON, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape) -> None:
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        mean, variance = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
+        normalised = (x - mean) * tf.math.rsqrt(variance + self.epsilon)
+        return normalised * self.gamma + self.beta
+
+
+class SPADE(keras.layers.Layer):
+    """Spatially adaptive denormalisation (Park et al.) of an instance-normalised activation.
+
+    ``seg_logits`` (M's unnormalised logits, any resolution) are resized bilinearly to the
+    activation, passed through a shared 3x3 conv + ReLU with ``hidden`` channels, and two 3x3
+    convs give per-pixel ``gamma`` and ``beta``. The output is (1 + gamma) * IN(x) + beta:
+    the paper's Eq. 6 writes gamma * IN(x) + beta, and the reference SPADE code uses
+    1 + gamma so that a freshly initialised layer starts close to plain IN.
+    """
+
+    def __init__(self, hidden: int = 128, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden = hidden
+        self.norm = instance_norm(affine=False, name="instance_norm")
+        self.shared = spectral_conv(hidden, 3, name="shared")
+
+    def build(self, input_shape) -> None:
+        channels = input_shape[-1]
+        self.to_gamma = spectral_conv(channels, 3, name="gamma")
+        self.to_beta = spectral_conv(channels, 3, name="beta")
+
+    def modulation(self, x: tf.Tensor, seg_logits: tf.Tensor,
+                   training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-pixel ``(gamma, beta)`` for activation ``x`` from ``seg_logits``."""
+        seg = images.resize_logits(seg_logits, tf.shape(x)[1:3])
+        hidden = tf.nn.relu(self.shared(reflect_pad(seg, 1), training=training))
+        hidden = reflect_pad(hidden, 1)
+        return (self.to_gamma(hidden, training=training),
+                self.to_beta(hidden, training=training))
+
+    def call(self, x: tf.Tensor, seg_logits: tf.Tensor, training: bool = False) -> tf.Tensor:
+        gamma, beta = self.modulation(x, seg_logits, training=training)
+        return self.norm(x) * (1.0 + gamma) + beta
+
+
+class ConvBlock(keras.layers.Layer):
+    """Reflect pad, spectrally normalised conv, optional norm, optional ReLU."""
+
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1,
+                 norm: keras.layers.Layer | None = None, relu: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pad = (kernel_size - 1) // 2
+        self.conv = spectral_conv(filters, kernel_size, strides, name="conv")
+        self.norm = norm
+        self.relu = relu
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.conv(reflect_pad(x, self.pad), training=training)
+        if self.norm is not None:
+            x = self.norm(x)
+        return tf.nn.relu(x) if self.relu else x
+
+
+class ResidualBlock(keras.layers.Layer):
+    """x + [conv3x3, norm, ReLU, conv3x3, norm](x); norm is IN, or IN + SPADE when guided."""
+
+    def __init__(self, norm: str, spade_hidden: int = 128, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if norm not in RESIDUAL_NORMS:
+            raise ValueError(f"residual_norm: expected one of {RESIDUAL_NORMS}, got {norm!r}")
+        self.guided = norm == "spade"
+        self.spade_hidden = spade_hidden
+
+    def build(self, input_shape) -> None:
+        channels = input_shape[-1]
+        self.conv_1 = spectral_conv(channels, 3, name="conv_1")
+        self.conv_2 = spectral_conv(channels, 3, name="conv_2")
+        if self.guided:
+            self.norm_1 = SPADE(self.spade_hidden, name="spade_1")
+            self.norm_2 = SPADE(self.spade_hidden, name="spade_2")
+        else:
+            self.norm_1 = instance_norm(affine=True, name="instance_norm_1")
+            self.norm_2 = instance_norm(affine=True, name="instance_norm_2")
+
+    def _norm(self, layer: keras.layers.Layer, x: tf.Tensor, seg_logits: tf.Tensor | None,
+              training: bool) -> tf.Tensor:
+        if self.guided:
+            return layer(x, seg_logits, training=training)
+        return layer(x)
+
+    def call(self, x: tf.Tensor, seg_logits: tf.Tensor | None = None,
+             training: bool = False) -> tf.Tensor:
+        y = self.conv_1(reflect_pad(x, 1), training=training)
+        y = tf.nn.relu(self._norm(self.norm_1, y, seg_logits, training))
+        y = self.conv_2(reflect_pad(y, 1), training=training)
+        return x + self._norm(self.norm_2, y, seg_logits, training)
+
+
+class Encoder(keras.layers.Layer):
+    """E: 7x7 conv, ``num_downsamplings`` 4x4/2 convs doubling the width, residual blocks; IN."""
+
+    def __init__(self, dim: int = 64, num_downsamplings: int = 2, num_residual_blocks: int = 4,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stem = ConvBlock(dim, 7, norm=instance_norm(True), name="stem")
+        down_blocks = []
+        for i in range(num_downsamplings):
+            dim *= 2
+            down_blocks.append(ConvBlock(dim, 4, strides=2, norm=instance_norm(True),
+                                         name=f"down_{i}"))
+        self.down_blocks = add_sublayers(self, "down", down_blocks)
+        self.residual_blocks = add_sublayers(
+            self, "residual", [ResidualBlock("in", name=f"residual_{i}")
+                               for i in range(num_residual_blocks)])
+        self.latent_dim = dim
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.stem(x, training=training)
+        for block in self.down_blocks:
+            x = block(x, training=training)
+        for block in self.residual_blocks:
+            x = block(x, training=training)
+        return x
+
+
+class Generator(keras.layers.Layer):
+    """G: residual blocks (IN + SPADE on M's logits, or IN), up-sampling blocks, 7x7 conv, tanh.
+
+    An up-sampling block is nearest x2, 5x5 conv halving the width, ``LayerNormCHW``, ReLU.
+    """
+
+    def __init__(self, latent_dim: int = 256, num_upsamplings: int = 2,
+                 num_residual_blocks: int = 4, spade_hidden: int = 128,
+                 residual_norm: str = "spade", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.residual_blocks = add_sublayers(
+            self, "residual", [ResidualBlock(residual_norm, spade_hidden, name=f"residual_{i}")
+                               for i in range(num_residual_blocks)])
+        dim = latent_dim
+        up_blocks = []
+        for i in range(num_upsamplings):
+            dim //= 2
+            up_blocks.append(ConvBlock(dim, 5, norm=LayerNormCHW(name="layer_norm"),
+                                       name=f"up_{i}"))
+        self.up_blocks = add_sublayers(self, "up", up_blocks)
+        self.to_rgb = ConvBlock(3, 7, relu=False, name="to_rgb")
+
+    def call(self, z: tf.Tensor, seg_logits: tf.Tensor | None = None,
+             training: bool = False) -> tf.Tensor:
+        x = z
+        for block in self.residual_blocks:
+            x = block(x, seg_logits, training=training)
+        for block in self.up_blocks:
+            x = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+            x = block(x, training=training)
+        return tf.tanh(self.to_rgb(x, training=training))
+
+
+class Translator(keras.Model):
+    """F: encoders and generators of both domains; x_{A->B} = G_B(E_A(x_A), M(x_A)).
+
+    Images are RGB in [-1, 1] NHWC; ``seg_logits`` are M's logits of the image being
+    translated, at any resolution (the SPADE layers resize them). ``conditioned`` is False
+    when the residual blocks use plain IN, in which case the logits are ignored.
+    """
+
+    def __init__(self, num_classes: int = 19, dim: int = 64, num_downsamplings: int = 2,
+                 num_residual_blocks: int = 4, spade_hidden: int = 128,
+                 residual_norm: str = "spade", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if residual_norm not in RESIDUAL_NORMS:
+            raise ValueError(f"build_translator.residual_norm: expected one of "
+                             f"{RESIDUAL_NORMS}, got {residual_norm!r}")
+        self.num_classes = num_classes
+        self.num_downsamplings = num_downsamplings
+        self.residual_norm = residual_norm
+        self.conditioned = residual_norm == "spade"
+        self.source_encoder = Encoder(dim, num_downsamplings, num_residual_blocks,
+                                      name="source_encoder")
+        self.target_encoder = Encoder(dim, num_downsamplings, num_residual_blocks,
+                                      name="target_encoder")
+        latent_dim = self.source_encoder.latent_dim
+        self.source_generator = Generator(latent_dim, num_downsamplings, num_residual_blocks,
+                                          spade_hidden, residual_norm, name="source_generator")
+        self.target_generator = Generator(latent_dim, num_downsamplings, num_residual_blocks,
+                                          spade_hidden, residual_norm, name="target_generator")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides that are multiples of this survive encode + decode unchanged."""
+        return 2 ** self.num_downsamplings
+
+    def encoder(self, domain: str) -> Encoder:
+        """E_domain; ``domain`` is 'source' or 'target'."""
+        self._check_domain(domain)
+        return getattr(self, f"{domain}_encoder")
+
+    def generator(self, domain: str) -> Generator:
+        """G_domain; ``domain`` is 'source' or 'target'."""
+        self._check_domain(domain)
+        return getattr(self, f"{domain}_generator")
+
+    @staticmethod
+    def _check_domain(domain: str) -> None:
+        if domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+
+    def encode(self, x_unit: tf.Tensor, domain: str, training: bool = False) -> tf.Tensor:
+        """E_domain(x): the shared latent code z."""
+        return self.encoder(domain)(x_unit, training=training)
+
+    def decode(self, z: tf.Tensor, seg_logits: tf.Tensor | None, domain: str,
+               training: bool = False) -> tf.Tensor:
+        """G_domain(z, M(x)): an image in [-1, 1], ``size_multiple`` times the size of z."""
+        if self.conditioned and seg_logits is None:
+            raise ValueError("a SPADE generator needs the segmenter's logits (seg_logits)")
+        return self.generator(domain)(z, seg_logits if self.conditioned else None,
+                                      training=training)
+
+    def translate(self, x_unit: tf.Tensor, seg_logits: tf.Tensor | None, source_domain: str,
+                  target_domain: str, training: bool = False) -> tf.Tensor:
+        """x_{A->B} = G_B(E_A(x_A), M(x_A)) at the input's size.
+
+        Sides that are not multiples of ``size_multiple`` are mirror-padded at the bottom and
+        right and the result cropped back; the logits are then resized to the image and
+        padded the same way, so the guidance stays aligned with the pixels.
+        """
+        height, width = tf.shape(x_unit)[1], tf.shape(x_unit)[2]
+        pad_h = (-height) % self.size_multiple
+        pad_w = (-width) % self.size_multiple
+        static_h, static_w = x_unit.shape[1], x_unit.shape[2]
+        needs_pad = (static_h is None or static_w is None
+                     or static_h % self.size_multiple or static_w % self.size_multiple)
+        if needs_pad:
+            paddings = [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]
+            x_unit = tf.pad(x_unit, paddings, mode="REFLECT")
+            if self.conditioned and seg_logits is not None:
+                seg_logits = tf.pad(images.resize_logits(seg_logits, (height, width)),
+                                    paddings, mode="REFLECT")
+        z = self.encode(x_unit, source_domain, training=training)
+        translated = self.decode(z, seg_logits, target_domain, training=training)
+        return translated[:, :height, :width, :] if needs_pad else translated
+
+    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Source -> target translation of ``(x_unit, seg_logits)``."""
+        x_unit, seg_logits = inputs
+        return self.translate(x_unit, seg_logits, "source", "target", training=training)
+
+
+@gin.configurable
+def build_translator(num_classes: int = 19, dim: int = 64, num_downsamplings: int = 2,
+                     num_residual_blocks: int = 4, spade_hidden: int = 128,
+                     residual_norm: str = "spade") -> Translator:
+    """F with the paper's sizes by default; ``residual_norm`` 'in' is Table 3's no-SPADE row."""
+    return Translator(num_classes=num_classes, dim=dim, num_downsamplings=num_downsamplings,
+                      num_residual_blocks=num_residual_blocks, spade_hidden=spade_hidden,
+                      residual_norm=residual_norm, name="translator")

@@ -1,0 +1,185 @@
+"""Optimisers of the trainers: poly schedules and per-variable-group learning rates.
+
+A Keras 3 optimiser has a single learning rate, while the peers train parts of a network at
+a multiple of it (DeepLabV2's classifier at 10x, FCN8s' biases at 2x). ``GroupedOptimizer``
+therefore holds one Keras optimiser per group of variables, chosen by variable path. The
+per-architecture recipes are gin configurables picked by ``segmentation_optimizer.arch``, so
+the trainers never look at the architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import gin
+import keras
+import tensorflow as tf
+
+OptimizerFactory = Callable[[int], "GroupedOptimizer"]
+
+
+def poly_schedule(
+    learning_rate: float, total_steps: int, power: float = 0.9
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """``lr * (1 - step / total_steps) ** power``, reaching 0 at the end of the stage."""
+    return keras.optimizers.schedules.PolynomialDecay(
+        learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
+
+
+class GroupedOptimizer:
+    """One Keras optimiser per variable group; a variable joins the first group that matches.
+
+    ``groups`` are ``(name, path_regex, optimizer)``; a ``None`` regex matches every variable
+    (put it last). ``weight_decay`` is an L2 term added to the gradient before the optimiser,
+    as PyTorch's SGD does, so it passes through momentum like in the peers.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[tuple[str, str | None, keras.optimizers.Optimizer]],
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not groups or groups[-1][1] is not None:
+            raise ValueError("the last optimiser group must match every variable (regex None)")
+        self._groups = [(name, None if rx is None else re.compile(rx), opt)
+                        for name, rx, opt in groups]
+        self.weight_decay = weight_decay
+
+    @property
+    def optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
+        """The Keras optimisers by group name (their state belongs in the checkpoint)."""
+        return {name: opt for name, _, opt in self._groups}
+
+    def group_of(self, variable: tf.Variable) -> str:
+        """Name of the first group whose regex matches ``variable.path``."""
+        for name, regex, _ in self._groups[:-1]:
+            if regex.search(variable.path):
+                return name
+        return self._groups[-1][0]
+
+    def partition(self, variables: Sequence[tf.Variable]) -> dict[str, list[tf.Variable]]:
+        """The variables of each group, in their original order."""
+        parts: dict[str, list[tf.Variable]] = {name: [] for name, _, _ in self._groups}
+        for variable in variables:
+            parts[self.group_of(variable)].append(variable)
+        return parts
+
+    def checkpoint_items(
+        self, prefix: str, variables: Sequence[tf.Variable]
+    ) -> dict[str, tuple[keras.optimizers.Optimizer, list[tf.Variable]]]:
+        """``{prefix_group: (optimizer, its variables)}``, the ``StageCheckpoint`` optimizers."""
+        parts = self.partition(variables)
+        return {f"{prefix}_{name}": (opt, parts[name]) for name, _, opt in self._groups}
+
+    def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable]) -> None:
+        """Applies each group's gradients with its own optimiser (and learning rate)."""
+        per_group: dict[str, tuple[list, list]] = {name: ([], []) for name, _, _ in self._groups}
+        for grad, variable in zip(grads, variables, strict=True):
+            if grad is None:
+                continue
+            if self.weight_decay:
+                grad = grad + self.weight_decay * variable
+            group_grads, group_vars = per_group[self.group_of(variable)]
+            group_grads.append(grad)
+            group_vars.append(variable)
+        for name, _, opt in self._groups:
+            group_grads, group_vars = per_group[name]
+            if group_vars:
+                opt.apply(group_grads, group_vars)
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rate of each group (for TensorBoard)."""
+        return {name: float(opt.learning_rate) for name, _, opt in self._groups}
+
+
+@gin.configurable
+def deeplabv2_optimizer(
+    total_steps: int,
+    learning_rate: float = 2.5e-4,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    classifier_multiplier: float = 10.0,
+    power: float = 0.9,
+) -> GroupedOptimizer:
+    """SGD with momentum, L2 weight decay and poly decay; the classifier at 10x (peers)."""
+    def sgd(lr: float, name: str) -> keras.optimizers.Optimizer:
+        return keras.optimizers.SGD(poly_schedule(lr, total_steps, power), momentum=momentum,
+                                    name=name)
+
+    return GroupedOptimizer(
+        [("classifier", r"classifier", sgd(learning_rate * classifier_multiplier, "classifier")),
+         ("base", None, sgd(learning_rate, "base"))],
+        weight_decay=weight_decay)
+
+
+@gin.configurable
+def fcn8s_optimizer(
+    total_steps: int,
+    learning_rate: float = 1e-5,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    bias_multiplier: float = 2.0,
+    power: float = 0.9,
+    step_decay_every: int | None = None,
+) -> GroupedOptimizer:
+    """Adam (0.9, 0.99) with biases at 2x. Poly decay, or x0.1 every ``step_decay_every``."""
+    def adam(lr: float, name: str) -> keras.optimizers.Optimizer:
+        if step_decay_every:
+            schedule = keras.optimizers.schedules.ExponentialDecay(
+                lr, decay_steps=step_decay_every, decay_rate=0.1, staircase=True)
+        else:
+            schedule = poly_schedule(lr, total_steps, power)
+        return keras.optimizers.Adam(schedule, beta_1=beta_1, beta_2=beta_2, epsilon=1e-8,
+                                     name=name)
+
+    return GroupedOptimizer(
+        [("bias", r"(^|/)bias$", adam(learning_rate * bias_multiplier, "bias")),
+         ("base", None, adam(learning_rate, "base"))])
+
+
+SEGMENTATION_OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "deeplabv2": deeplabv2_optimizer,
+    "fcn8s": fcn8s_optimizer,
+}
+
+
+@gin.configurable
+def segmentation_optimizer(total_steps: int, arch: str = "deeplabv2") -> GroupedOptimizer:
+    """The optimiser recipe of segmenter ``arch`` (bind ``arch`` to the same macro as the model)."""
+    if arch not in SEGMENTATION_OPTIMIZERS:
+        raise ValueError(f"segmentation_optimizer.arch: unknown {arch!r}; expected one of "
+                         f"{sorted(SEGMENTATION_OPTIMIZERS)}")
+    return SEGMENTATION_OPTIMIZERS[arch](total_steps)
+
+
+def _single_adam(total_steps: int, learning_rate: float, beta_1: float, beta_2: float,
+                 power: float) -> GroupedOptimizer:
+    adam = keras.optimizers.Adam(poly_schedule(learning_rate, total_steps, power),
+                                 beta_1=beta_1, beta_2=beta_2, epsilon=1e-8, name="all")
+    return GroupedOptimizer([("all", None, adam)])
+
+
+@gin.configurable
+def adam_optimizer(
+    total_steps: int,
+    learning_rate: float = 1e-3,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    power: float = 0.9,
+) -> GroupedOptimizer:
+    """One Adam with poly decay for every variable: for M trained from scratch (the demo),
+    where SGD diverges on the un-normalised first layer and frozen identity BN."""
+    return _single_adam(total_steps, learning_rate, beta_1, beta_2, power)
+
+
+@gin.configurable
+def discriminator_optimizer(
+    total_steps: int,
+    learning_rate: float = 1e-4,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    power: float = 0.9,
+) -> GroupedOptimizer:
+    """D_seg: Adam lr 1e-4, betas (0.9, 0.99), poly decay (peers)."""
+    return _single_adam(total_steps, learning_rate, beta_1, beta_2, power)

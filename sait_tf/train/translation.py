@@ -1,0 +1,306 @@
+"""Trainer of the translation network F with the segmenter M frozen (paper Sec. 3.1, Eq. 1-5).
+
+Each step updates the discriminators D_S, D_T on real images and the current translations,
+then the translator on
+
+    L = l_recon L_recon + l_GAN L_GAN + l_CC_I L_CC_I + l_CC_H L_CC_H + l_SCE L_SCE   (Eq. 1)
+
+with every term summed over both domains. M's variables never change, but L_SCE's gradient
+flows through M(x_{A->B}) into F. Both optimisers are Adam (0.9, 0.99) with poly decay to 0
+over the stage and separate learning rates (TTUR). Spectral normalisation is active because
+every model is called with ``training=True`` inside the step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import keras
+import tensorflow as tf
+from absl import logging
+
+from sait_tf import images, losses
+from sait_tf.train import checkpoints, step_guard
+from sait_tf.train.optimizers import poly_schedule
+from sait_tf.train.progress import Progress
+
+DOMAINS = ("source", "target")
+OTHER = {"source": "target", "target": "source"}
+LOSS_TERMS = ("reconstruction", "gan", "image_cycle", "latent_cycle", "sce")
+
+
+class TranslationStep:
+    """The per-replica training step of F and its discriminators, and the image previews.
+
+    Knows the models only through ``translator.encode/decode/conditioned``, discriminators
+    that map an image to a list of score maps, and a segmenter that maps RGB [0, 255] to
+    logits.
+    """
+
+    def __init__(self, segmenter: keras.Model, translator: keras.Model,
+                 discriminators: dict[str, keras.Model],
+                 generator_optimizer: keras.optimizers.Optimizer,
+                 discriminator_optimizer: keras.optimizers.Optimizer,
+                 weights: dict[str, float], use_sce: bool) -> None:
+        self.segmenter = segmenter
+        self.translator = translator
+        self.discriminators = discriminators
+        self.generator_optimizer = generator_optimizer
+        self.discriminator_optimizer = discriminator_optimizer
+        self.weights = weights
+        self.use_sce = use_sce
+
+    @property
+    def generator_variables(self) -> list:
+        return self.translator.trainable_variables
+
+    @property
+    def discriminator_variables(self) -> list:
+        return [v for domain in DOMAINS for v in self.discriminators[domain].trainable_variables]
+
+    def _segment(self, x_unit: tf.Tensor) -> tf.Tensor:
+        return self.segmenter(images.unit_to_pixels(x_unit), training=False)
+
+    def _discriminator_update(self, real: dict, fake: dict, replicas: int) -> dict:
+        """One D_S + D_T update on real images and stopped-gradient translations (Eq. 3)."""
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([
+                losses.lsgan_discriminator_loss(
+                    self.discriminators[domain](real[domain], training=True),
+                    self.discriminators[domain](tf.stop_gradient(fake[domain]), training=True))
+                for domain in DOMAINS])
+            scaled = self.weights["gan"] * loss / replicas
+        variables = self.discriminator_variables
+        grads = tape.gradient(scaled, variables)
+        applied = step_guard.apply_if_finite(self.discriminator_optimizer, grads, variables,
+                                             scaled)
+        return {"discriminator": loss, "discriminator_applied": applied}
+
+    def replica_step(self, source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
+        """Discriminator update, then translator update; returns the unweighted loss terms."""
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        tf.debugging.assert_equal(
+            tf.shape(source_pixels)[0], tf.shape(target_pixels)[0],
+            message="train_translator: source and target batches must have the same size")
+        x = {"source": images.pixels_to_unit(source_pixels),
+             "target": images.pixels_to_unit(target_pixels)}
+        seg = {"source": tf.stop_gradient(self.segmenter(source_pixels, training=False)),
+               "target": tf.stop_gradient(self.segmenter(target_pixels, training=False))}
+        translator = self.translator
+        terms = {name: [] for name in LOSS_TERMS}
+        with tf.GradientTape() as tape:
+            z = {d: translator.encode(x[d], d, training=True) for d in DOMAINS}
+            recon = {d: translator.decode(z[d], seg[d], d, training=True) for d in DOMAINS}
+            # translated[d] is x_{d->other}; it is judged by the other domain's discriminator.
+            translated = {d: translator.decode(z[d], seg[d], OTHER[d], training=True)
+                          for d in DOMAINS}
+            with tape.stop_recording():
+                fake = {OTHER[d]: translated[d] for d in DOMAINS}
+                results = self._discriminator_update(x, fake, replicas)
+            for d in DOMAINS:
+                other = OTHER[d]
+                seg_translated = None
+                if self.use_sce:
+                    seg_translated = self._segment(translated[d])
+                    terms["sce"].append(losses.symmetric_cross_entropy(seg[d], seg_translated))
+                elif translator.conditioned:
+                    with tape.stop_recording():
+                        seg_translated = self._segment(translated[d])
+                guide = None if seg_translated is None else tf.stop_gradient(seg_translated)
+                z_cycle = translator.encode(translated[d], other, training=True)
+                x_cycle = translator.decode(z_cycle, guide, d, training=True)
+                terms["reconstruction"].append(losses.l1_loss(recon[d], x[d]))
+                terms["gan"].append(losses.lsgan_generator_loss(
+                    self.discriminators[other](translated[d], training=True)))
+                terms["image_cycle"].append(losses.l1_loss(x_cycle, x[d]))
+                terms["latent_cycle"].append(losses.l1_loss(z_cycle, z[d]))
+            terms = {name: tf.add_n(values) for name, values in terms.items() if values}
+            total = tf.add_n([self.weights[name] * value for name, value in terms.items()])
+            scaled = total / replicas
+        variables = self.generator_variables
+        grads = tape.gradient(scaled, variables)
+        applied = step_guard.apply_if_finite(self.generator_optimizer, grads, variables, scaled)
+        results.update(terms)
+        results.update({"generator": total, "generator_applied": applied})
+        return results
+
+    def previews(self, source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Per domain, uint8 rows [x, colourised argmax M(x), x_{A->B}, x_{A->B->A}]."""
+        grids = {}
+        for d, pixels in (("source", source_pixels), ("target", target_pixels)):
+            x_unit = images.pixels_to_unit(pixels)
+            logits = self.segmenter(pixels, training=False)
+            translated = self.translator.translate(x_unit, logits, d, OTHER[d])
+            cycled = self.translator.translate(translated, self._segment(translated), OTHER[d], d)
+            size = tf.shape(pixels)[1:3]
+            prediction = tf.argmax(images.resize_logits(logits, size), axis=-1)
+            row = [images.to_uint8(pixels), images.colorize(prediction),
+                   images.to_uint8(images.unit_to_pixels(translated)),
+                   images.to_uint8(images.unit_to_pixels(cycled))]
+            grids[d] = tf.concat(row, axis=2)
+        return grids
+
+
+def _images_of(dataset: tf.data.Dataset, param: str) -> tf.data.Dataset:
+    spec = dataset.element_spec
+    if not isinstance(spec, dict) or "image" not in spec:
+        raise ValueError(f"train_translator: {param} must yield dicts with an 'image' key, "
+                         f"got {spec}")
+    return dataset.map(lambda example: example["image"])
+
+
+def _check_image_size(pixels: tf.Tensor, multiple: int, param: str) -> None:
+    height, width = int(pixels.shape[1]), int(pixels.shape[2])
+    if height % multiple or width % multiple:
+        raise ValueError(f"train_translator: {param} images are {height}x{width}; the translator "
+                         f"needs sides that are multiples of {multiple} (set the crop size)")
+
+
+def _adam(learning_rate: float, steps: int, beta_1: float, beta_2: float, poly_power: float,
+          name: str) -> keras.optimizers.Adam:
+    return keras.optimizers.Adam(poly_schedule(learning_rate, steps, poly_power), beta_1=beta_1,
+                                 beta_2=beta_2, epsilon=1e-8, name=name)
+
+
+@gin.configurable(denylist=["segmenter", "translator", "discriminators", "source_dataset",
+                            "target_dataset", "stage_dir", "log_dir", "strategy"])
+def train_translator(
+    segmenter: keras.Model,
+    translator: keras.Model,
+    discriminators: dict[str, keras.Model],
+    source_dataset: tf.data.Dataset,
+    target_dataset: tf.data.Dataset,
+    stage_dir: str,
+    log_dir: str,
+    steps: int,
+    generator_lr: float = 1e-4,
+    discriminator_lr: float = 4e-4,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    poly_power: float = 0.9,
+    reconstruction_weight: float = 10.0,
+    gan_weight: float = 1.0,
+    image_cycle_weight: float = 10.0,
+    latent_cycle_weight: float = 1.0,
+    sce_weight: float = 10.0,
+    use_sce: bool = True,
+    checkpoint_every: int = 1000,
+    summary_every: int = 50,
+    log_images_every: int = 1000,
+    num_preview_images: int = 2,
+    strategy: tf.distribute.Strategy | None = None,
+) -> keras.Model:
+    """Trains ``translator`` (F) for ``steps`` iterations in ``stage_dir``; resumable, idempotent.
+
+    ``discriminators`` is ``{"source": D_S, "target": D_T}``. The datasets yield batches
+    {"image": float32 RGB [0, 255] [B, H, W, 3], ...} of the same batch size and are
+    repeated here; image sides must be multiples of ``translator.size_multiple``. TTUR:
+    ``generator_lr`` 1e-4 as in the paper, ``discriminator_lr`` 4e-4 following Heusel et al.
+    (the paper gives only 1e-4 and "TTUR"). ``use_sce`` False drops L_SCE (Table 3).
+    A new run resumes from the newest checkpoint of ``stage_dir`` (step, weights, optimiser
+    state); the data streams restart from their first batch. A stage with a DONE marker
+    only restores the translator's weights. Returns ``translator``.
+    """
+    stage = os.path.basename(os.path.normpath(stage_dir))
+    if checkpoints.is_stage_done(stage_dir):
+        _build(segmenter, translator, discriminators, source_dataset, target_dataset)
+        checkpoints.restore_for_inference(stage_dir, translator=translator)
+        logging.info("[%s] already done; restored the translator from %s", stage, stage_dir)
+        return translator
+    if steps < 1:
+        raise ValueError(f"train_translator: steps must be >= 1, got {steps} for {stage}")
+    if set(discriminators) != set(DOMAINS):
+        raise ValueError(f"train_translator: discriminators must have keys {DOMAINS}, "
+                         f"got {sorted(discriminators)}")
+    weights = {"reconstruction": reconstruction_weight, "gan": gan_weight,
+               "image_cycle": image_cycle_weight, "latent_cycle": latent_cycle_weight,
+               "sce": sce_weight}
+
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        first_source, first_target = _build(segmenter, translator, discriminators,
+                                            source_dataset, target_dataset)
+        trainer = TranslationStep(
+            segmenter, translator, discriminators,
+            _adam(generator_lr, steps, beta_1, beta_2, poly_power, "translator"),
+            _adam(discriminator_lr, steps, beta_1, beta_2, poly_power, "discriminators"),
+            weights, use_sce)
+        ckpt = checkpoints.StageCheckpoint(
+            stage_dir,
+            optimizers={
+                "translator_optimizer": (trainer.generator_optimizer,
+                                         trainer.generator_variables),
+                "discriminators_optimizer": (trainer.discriminator_optimizer,
+                                             trainer.discriminator_variables)},
+            translator=translator, discriminators=discriminators)
+    start = ckpt.restore_latest()
+
+    streams = tf.data.Dataset.zip((_images_of(source_dataset, "source_dataset").repeat(),
+                                   _images_of(target_dataset, "target_dataset").repeat()))
+    iterator = iter(strategy.experimental_distribute_dataset(streams.prefetch(2)))
+
+    @tf.function(autograph=False)
+    def train_step(source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
+        results = strategy.run(trainer.replica_step, args=(source_pixels, target_pixels))
+        first = strategy.experimental_local_results
+        return {name: first(value)[0] if name.endswith("_applied") else
+                strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                for name, value in results.items()}
+
+    previews = tf.function(trainer.previews, autograph=False)
+    preview_source = first_source[:num_preview_images]
+    preview_target = first_target[:num_preview_images]
+    writer = tf.summary.create_file_writer(log_dir)
+    guards = {name: step_guard.NonFiniteCounter(f"{stage}/{name}")
+              for name in ("translator", "discriminators")}
+    optimizers = {"translator": trainer.generator_optimizer,
+                  "discriminators": trainer.discriminator_optimizer}
+    progress = Progress(stage, steps, start)
+    for step in range(start + 1, steps + 1):
+        results = train_step(*next(iterator))
+        guards["translator"].update(bool(results.pop("generator_applied")), step)
+        guards["discriminators"].update(bool(results.pop("discriminator_applied")), step)
+        last = step == steps
+        if step % summary_every == 0 or last:
+            with writer.as_default(step=step):
+                for name, value in results.items():
+                    tf.summary.scalar(f"loss/{name}", value)
+                for name, optimizer in optimizers.items():
+                    tf.summary.scalar(f"learning_rate/{name}", float(optimizer.learning_rate))
+                    tf.summary.scalar(f"skipped_steps/{name}", guards[name].total)
+        if step % log_images_every == 0 or last:
+            with writer.as_default(step=step):
+                for domain, grid in previews(preview_source, preview_target).items():
+                    tf.summary.image(f"{domain}/image_prediction_translated_cycled", grid,
+                                     max_outputs=num_preview_images)
+        if step % checkpoint_every == 0 or last:
+            ckpt.save(step)
+        progress.update(step, force=last, extra=(
+            f"G {float(results['generator']):.4f}  D {float(results['discriminator']):.4f}"))
+    writer.flush()
+    checkpoints.mark_stage_done(stage_dir)
+    return translator
+
+
+def _build(segmenter: keras.Model, translator: keras.Model,
+           discriminators: dict[str, keras.Model], source_dataset: tf.data.Dataset,
+           target_dataset: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
+    """Creates every variable with one inference call on the first batch of each dataset.
+
+    Returns those first batches (float RGB [0, 255]) for the image previews.
+    """
+    first = {}
+    for domain, dataset, param in (("source", source_dataset, "source_dataset"),
+                                   ("target", target_dataset, "target_dataset")):
+        pixels = next(iter(_images_of(dataset, param).take(1)))
+        _check_image_size(pixels, translator.size_multiple, param)
+        x_unit = images.pixels_to_unit(pixels)
+        logits = segmenter(pixels, training=False)
+        z = translator.encode(x_unit, domain)
+        for target in DOMAINS:
+            translator.decode(z, logits, target)
+        if domain in discriminators:
+            discriminators[domain](x_unit)
+        first[domain] = pixels
+    return first["source"], first["target"]
