@@ -107,8 +107,8 @@ def _segmenter_archive(segmenter: keras.Model) -> keras.export.ExportArchive:
     archive = keras.export.ExportArchive()
     archive.track(segmenter)
 
-    def segment_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return segment_pixels(segmenter, images)
+    def segment_images(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return segment_pixels(segmenter, pixels)
 
     def segment_encoded(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         return segment_pixels(segmenter, decode_batch(image_bytes))
@@ -125,14 +125,14 @@ def _translator_archive(
     archive.track(segmenter)
     archive.track(translator)
 
-    def translate_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"translated": translate_pixels(translator, segmenter, images)}
+    def translate_images(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"translated": translate_pixels(translator, segmenter, pixels)}
 
     archive.add_endpoint("serving_default", translate_images, input_signature=[IMAGES_SPEC])
     return archive
 
 
-def build_translator_variables(translator: keras.Model, num_classes: int) -> None:
+def build_translator_variables(translator: keras.Model) -> None:
     """Runs F once in both directions so that E_S, E_T, G_S and G_T own their variables.
 
     The first direction goes through ``__call__``, which also marks the Keras model built
@@ -140,7 +140,7 @@ def build_translator_variables(translator: keras.Model, num_classes: int) -> Non
     """
     side = 4 * translator.size_multiple
     x_unit = tf.zeros([1, side, side, 3])
-    seg_logits = tf.zeros([1, side, side, num_classes])
+    seg_logits = tf.zeros([1, side, side, translator.num_classes])
     translator((x_unit, seg_logits))
     translator.translate(x_unit, seg_logits, TARGET_DOMAIN, SOURCE_DOMAIN)
 
@@ -162,7 +162,7 @@ def export_models(
     archives = {SEGMENTER_NAME: _segmenter_archive(segmenter)}
     if translator is not None:
         if not translator.built:
-            build_translator_variables(translator, translator.num_classes)
+            build_translator_variables(translator)
         archives[TRANSLATOR_NAME] = _translator_archive(translator, segmenter)
     model_dirs = {name: os.path.join(export_base, name) for name in archives}
     if version is None:
@@ -202,6 +202,10 @@ def export_run(run_dir: str, export_base: str | None = None) -> dict[str, str]:
         raise FileNotFoundError(f"{config_path} does not exist; is --run_dir a training run?")
     final = _read_final(run_dir)
     gin.parse_config_file(config_path, skip_unknown=True)
+    try:
+        gin.query_parameter("build_segmenter.arch")
+    except ValueError as e:
+        raise ValueError(f"{config_path} binds no build_segmenter.arch") from e
     segmenter = build_segmenter()
     checkpoints.restore_for_inference(
         os.path.join(run_dir, "checkpoints", final["segmenter_stage"]), segmenter=segmenter
@@ -209,7 +213,7 @@ def export_run(run_dir: str, export_base: str | None = None) -> dict[str, str]:
     translator = None
     if final.get("translator_stage"):
         translator = build_translator()
-        build_translator_variables(translator, translator.num_classes)
+        build_translator_variables(translator)
         checkpoints.restore_for_inference(
             os.path.join(run_dir, "checkpoints", final["translator_stage"]), translator=translator
         )

@@ -37,6 +37,9 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int = labels.NUM_CLASSES) -> None:
+        if not 0 < num_classes < labels.IGNORE_INDEX:
+            raise ValueError(f"num_classes must be in 1..{labels.IGNORE_INDEX - 1}, "
+                             f"got {num_classes}")
         self.num_classes = num_classes
         self.matrix = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
 
@@ -46,22 +49,24 @@ class ConfusionMatrix:
         pred = np.asarray(pred_train_ids)
         if gt.shape != pred.shape:
             raise ValueError(f"ground truth shape {gt.shape} != prediction shape {pred.shape}")
-        gt = gt.reshape(-1).astype(np.int64)
-        pred = pred.reshape(-1).astype(np.int64)
-        classes = self.num_classes
-        ignore = labels.IGNORE_INDEX
-        bad_gt = (gt < 0) | ((gt >= classes) & (gt != ignore))
-        bad_pred = (pred < 0) | ((pred >= classes) & (pred != ignore))
-        if bad_gt.any() or bad_pred.any():
-            which, values = ("ground truth", gt[bad_gt]) if bad_gt.any() else (
-                "prediction", pred[bad_pred])
-            raise ValueError(f"{which} contains value {int(values[0])}; trainIds must be in "
-                             f"0..{classes - 1} or {ignore}")
-        keep = gt != ignore
-        pred_column = np.minimum(pred[keep], classes)  # IGNORE_INDEX -> the void column
-        counts = np.bincount(gt[keep] * (classes + 1) + pred_column,
-                             minlength=classes * (classes + 1))
-        self.matrix += counts.reshape(classes, classes + 1)
+        classes, ignore = self.num_classes, labels.IGNORE_INDEX
+        for which, values in (("ground truth", gt), ("prediction", pred)):
+            if values.dtype != np.uint8 and values.size and (values.min() < 0
+                                                             or values.max() > 255):
+                bad = values[(values < 0) | (values > 255)]
+                raise ValueError(f"{which} contains value {int(bad[0])}; trainIds must be in "
+                                 f"0..{classes - 1} or {ignore}")
+        # One bincount over every (gt, pred) byte pair, then fold it to the matrix layout.
+        joint = np.bincount(gt.reshape(-1).astype(np.intp) * 256 + pred.reshape(-1),
+                            minlength=256 * 256).reshape(256, 256)
+        for which, counts in (("ground truth", joint.sum(axis=1)),
+                              ("prediction", joint.sum(axis=0))):
+            bad = np.flatnonzero(counts[classes:ignore])
+            if bad.size:
+                raise ValueError(f"{which} contains value {int(bad[0]) + classes}; trainIds must "
+                                 f"be in 0..{classes - 1} or {ignore}")
+        self.matrix[:, :classes] += joint[:classes, :classes]
+        self.matrix[:, classes] += joint[:classes, ignore]  # void predictions
 
     def add_counts(self, counts: np.ndarray | tf.Tensor) -> None:
         """Adds a ``[num_classes, num_classes + 1]`` count matrix, e.g. ``confusion_counts``."""

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import keras
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def models():
     keras.utils.set_random_seed(0)
     segmenter = trained_tiny_segmenter()
     translator = build_translator(**TINY_TRANSLATOR)
-    export.build_translator_variables(translator, labels.NUM_CLASSES)
+    export.build_translator_variables(translator)
     return segmenter, translator
 
 
@@ -279,6 +280,19 @@ def test_cli_names_the_missing_file_before_building_anything(models, tmp_path):
     os.remove(os.path.join(run_dir, "final.json"))
     with pytest.raises(FileNotFoundError, match="final.json"):
         export.export_run(run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+def test_cli_refuses_a_config_that_cannot_rebuild_the_segmenter(models, tmp_path):
+    run_dir = str(tmp_path / "run")
+    write_run_dir(run_dir, models)
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+        f.write("build_translator.dim = 8\n")
+    try:
+        with pytest.raises(ValueError, match="config.gin binds no build_segmenter.arch"):
+            export.export_run(run_dir)
+    finally:
+        gin.clear_config()
     assert not os.path.exists(os.path.join(run_dir, "export"))
 
 

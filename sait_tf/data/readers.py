@@ -264,7 +264,13 @@ def _label_format(examples: Sequence[Example]) -> str | None:
 
 def _order(num_examples: int, shuffle: bool, repeat: bool, seed: int) -> tf.data.Dataset:
     """Example indices: each epoch a permutation derived from (seed, epoch) when shuffling."""
-    epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+    if not repeat:
+        one_epoch = tf.range(num_examples, dtype=tf.int64)
+        if shuffle:
+            one_epoch = tf.random.experimental.stateless_shuffle(
+                one_epoch, seed=tf.constant([seed, 0], tf.int64))
+        return tf.data.Dataset.from_tensor_slices(one_epoch)  # known length, for progress/ETA
+    epochs = tf.data.Dataset.counter()
     if not shuffle:
         return epochs.flat_map(lambda _: tf.data.Dataset.range(num_examples))
 

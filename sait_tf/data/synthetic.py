@@ -190,8 +190,10 @@ def sample_layout(rng: np.random.Generator, size: tuple[int, int] = DEFAULT_SIZE
         scale = row - horizon
         if kind == CAR:  # lateral position across the road
             left, right = road_left, road_right
-        else:  # on one sidewalk, lateral position from the road edge outwards
-            left, right = (road_left, walk_left) if rng.uniform() < 0.5 else (road_right, walk_right)
+        elif rng.uniform() < 0.5:  # on a sidewalk, lateral position from the road edge outwards
+            left, right = road_left, walk_left
+        else:
+            left, right = road_right, walk_right
         bottom_x = left + (right - left) * lateral
         x = vanish_x + (bottom_x - vanish_x) * rel_depth
         _draw_object(layout, rng, xs, ys, kind, x, row, scale)
@@ -427,6 +429,10 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
             raise ValueError(f"{name} must be >= 0, got {count}")
     source_root = os.path.join(out_dir, "source")
     target_root = os.path.join(out_dir, "target")
+    for root in (source_root, target_root):
+        if os.path.exists(root):
+            raise ValueError(f"{root} already exists; generate_pair writes into a fresh out_dir "
+                             "(delete it first) so no stale files mix with the new pair")
     progress = Progress("synthetic", num_source + num_target_train + num_target_val)
     done = 0
     source_files = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 
+import gin
 import keras
 
-import gin
 from sait_tf import labels
 from sait_tf.models.deeplabv2 import build_deeplabv2
 from sait_tf.models.fcn8s import build_fcn8s

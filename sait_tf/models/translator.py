@@ -132,14 +132,10 @@ class SPADE(keras.layers.Layer):
     1 + gamma so that a freshly initialised layer starts close to plain IN.
     """
 
-    def __init__(self, hidden: int = 128, **kwargs) -> None:
+    def __init__(self, channels: int, hidden: int = 128, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.hidden = hidden
         self.norm = instance_norm(affine=False, name="instance_norm")
         self.shared = spectral_conv(hidden, 3, name="shared")
-
-    def build(self, input_shape) -> None:
-        channels = input_shape[-1]
         self.to_gamma = spectral_conv(channels, 3, name="gamma")
         self.to_beta = spectral_conv(channels, 3, name="beta")
 
@@ -190,8 +186,8 @@ class ResidualBlock(keras.layers.Layer):
         self.conv_1 = spectral_conv(channels, 3, name="conv_1")
         self.conv_2 = spectral_conv(channels, 3, name="conv_2")
         if self.guided:
-            self.norm_1 = SPADE(self.spade_hidden, name="spade_1")
-            self.norm_2 = SPADE(self.spade_hidden, name="spade_2")
+            self.norm_1 = SPADE(channels, self.spade_hidden, name="spade_1")
+            self.norm_2 = SPADE(channels, self.spade_hidden, name="spade_2")
         else:
             self.norm_1 = instance_norm(affine=True, name="instance_norm_1")
             self.norm_2 = instance_norm(affine=True, name="instance_norm_2")

@@ -166,7 +166,8 @@ def main(argv: list[str]) -> int:
             if e.code() in UNREACHABLE_CODES:
                 print(
                     f"error: no answer from the prediction server at {FLAGS.server} within "
-                    f"{FLAGS.timeout_s:g} s ({e.code().name}); is it running? (--server)",
+                    f"{FLAGS.timeout_s:g} s ({e.code().name}); is it running? "
+                    "(--server, --timeout_s)",
                     file=sys.stderr,
                 )
                 return 2
@@ -174,6 +175,9 @@ def main(argv: list[str]) -> int:
                 f"error: {FLAGS.server} refused {image_path}: {e.code().name}: {e.details()}",
                 file=sys.stderr,
             )
+            return 1
+        except (OSError, ValueError) as e:
+            print(f"error: {image_path}: {e}", file=sys.stderr)
             return 1
         progress.update(done)
     return 0

@@ -9,6 +9,33 @@ import tensorflow as tf
 from absl import logging
 
 
+class _VariableList(tf.Module):
+    """Every variable of a Keras model, layer or optimiser, keyed by its position.
+
+    ``tf.train.Checkpoint`` does not follow Keras 3's tracked lists (a layer holding its
+    sub-layers in a Python list), so walking the object graph silently drops such weights.
+    Variable paths are no key either: auto-generated layer and optimiser names ("adam_1")
+    depend on how many were created before in the process. The order of ``.variables`` is
+    fixed by the code that builds the object, so it is the key; shapes are checked on restore.
+    """
+
+    def __init__(self, owner_name: str, owner) -> None:
+        super().__init__(name=None)
+        if isinstance(owner, keras.layers.Layer) and not owner.built:
+            raise ValueError(f"checkpoint entry {owner_name!r}: build the model (call it once) "
+                             "before checkpointing it, or its variables do not exist yet")
+        self.ordered = {f"v{index:05d}": variable for index, variable in enumerate(owner.variables)}
+
+
+def _checkpointable(name: str, obj):
+    """Wraps Keras objects (also in dicts) so every variable is saved; others pass through."""
+    if isinstance(obj, dict):
+        return {key: _checkpointable(f"{name}.{key}", value) for key, value in obj.items()}
+    if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer)):
+        return _VariableList(name, obj)
+    return obj
+
+
 class StageCheckpoint:
     """A ``tf.train.CheckpointManager`` over named trackables plus a step counter.
 
@@ -31,6 +58,7 @@ class StageCheckpoint:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         objects = dict(trackables)
         objects.update({name: opt for name, (opt, _) in (optimizers or {}).items()})
+        objects = {name: _checkpointable(name, obj) for name, obj in objects.items()}
         self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
         self.directory = directory
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
@@ -71,5 +99,6 @@ def restore_for_inference(stage_dir: str, **trackables) -> str:
     latest = tf.train.latest_checkpoint(stage_dir)
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {stage_dir}")
-    tf.train.Checkpoint(**trackables).restore(latest).expect_partial().assert_existing_objects_matched()
+    objects = {name: _checkpointable(name, obj) for name, obj in trackables.items()}
+    tf.train.Checkpoint(**objects).restore(latest).expect_partial().assert_existing_objects_matched()
     return latest

@@ -59,22 +59,28 @@ def write_json_atomically(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_operative_config(run_dir: str) -> None:
-    """RUN_DIR/config.gin and a TensorBoard text summary of gin's operative config.
+class OperativeConfigWriter:
+    """Writes RUN_DIR/config.gin and a TensorBoard text summary (RUN_DIR/logs/config).
 
-    The operative config lists only the configurables called so far, so it is rewritten
-    after every stage.
+    Gin's operative config lists only the configurables called so far, so the pipeline
+    rewrites it after every stage; each rewrite is one more step of the text summary.
     """
-    config = gin.operative_config_str()
-    tmp = os.path.join(run_dir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(config)
-    os.replace(tmp, os.path.join(run_dir, CONFIG_FILE))
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs", "config"))
-    with writer.as_default():
-        markdown = "\n".join("    " + line for line in config.splitlines())
-        tf.summary.text("operative_config", markdown, step=0)
-    writer.close()
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, CONFIG_FILE)
+        self.writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs", "config"))
+        self.step = 0
+
+    def write(self) -> None:
+        config = gin.operative_config_str()
+        with open(self.path + ".tmp", "w") as f:
+            f.write(config)
+        os.replace(self.path + ".tmp", self.path)
+        with self.writer.as_default():
+            markdown = "\n".join("    " + line for line in config.splitlines())
+            tf.summary.text("operative_config", markdown, step=self.step)
+        self.writer.flush()
+        self.step += 1
 
 
 class RunState:
@@ -186,7 +192,8 @@ def run_pipeline(
     with strategy.scope():
         segmenter = load_init(build_segmenter())
     os.makedirs(run_dir, exist_ok=True)
-    write_operative_config(run_dir)
+    config_writer = OperativeConfigWriter(run_dir)
+    config_writer.write()
     state = RunState(run_dir)
     metrics = state.metrics
 
@@ -198,7 +205,7 @@ def run_pipeline(
         result = state.timed(stage, train_segmenter, model, *stage_dirs(stage), steps,
                              eval_dataset=val_data, num_classes_reported=num_classes_reported,
                              strategy=strategy, **datasets)
-        write_operative_config(run_dir)
+        config_writer.write()
         return result
 
     def record(key: str, model: keras.Model, result: dict | None) -> None:
@@ -284,7 +291,7 @@ def run_pipeline(
                            "translator_stage": best["translator_stage"]})
     if export:
         state.timed("export", _export, run_dir, segmenter, translator, best)
-    write_operative_config(run_dir)
+    config_writer.write()
     logging.info("done in %.0f s: final target-val mIoU%d %.2f (%s); metrics in %s",
                  time.monotonic() - started, best["num_classes"], best["mIoU"],
                  best["segmenter_stage"], state.path)

@@ -1,0 +1,75 @@
+"""The checkpoint helper saves every variable, including layers kept in Python lists."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sait_tf.train import checkpoints
+
+
+class _SumOfBranches(keras.layers.Layer):
+    """Holds its sub-layers in a list, which tf.train.Checkpoint alone does not follow."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.branches = [keras.layers.Dense(3, name=f"branch_{i}") for i in range(2)]
+
+    def call(self, x):
+        return self.branches[0](x) + self.branches[1](x)
+
+
+def _model():
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, _SumOfBranches(name="classifier")(inputs))
+
+
+def test_resume_restores_list_held_layers_and_optimizer_state(tmp_path):
+    model = _model()
+    optimizer = keras.optimizers.Adam(0.1)
+    ckpt = checkpoints.StageCheckpoint(
+        str(tmp_path), optimizers={"optimizer": (optimizer, model.trainable_variables)},
+        segmenter=model)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.ones((2, 4))) ** 2)
+    optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    ckpt.save(5)
+
+    fresh, fresh_optimizer = _model(), keras.optimizers.Adam(0.1)
+    resumed = checkpoints.StageCheckpoint(
+        str(tmp_path), optimizers={"optimizer": (fresh_optimizer, fresh.trainable_variables)},
+        segmenter=fresh)
+    assert resumed.restore_latest() == 5
+    for saved, restored in zip(model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(saved, restored)
+    assert int(fresh_optimizer.iterations.numpy()) == 1
+    for saved, restored in zip(optimizer.variables, fresh_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+
+def test_restore_for_inference_takes_only_the_named_model(tmp_path):
+    model = _model()
+    optimizer = keras.optimizers.SGD(0.1)
+    checkpoints.StageCheckpoint(
+        str(tmp_path), optimizers={"optimizer": (optimizer, model.trainable_variables)},
+        segmenter=model).save(1)
+    fresh = _model()
+    checkpoints.restore_for_inference(str(tmp_path), segmenter=fresh)
+    x = tf.ones((1, 4))
+    np.testing.assert_allclose(fresh(x).numpy(), model(x).numpy())
+
+
+def test_stage_done_marker(tmp_path):
+    stage = str(tmp_path / "stage")
+    assert not checkpoints.is_stage_done(stage)
+    checkpoints.mark_stage_done(stage)
+    assert checkpoints.is_stage_done(stage)
+
+
+def test_restoring_into_a_model_of_other_shape_fails(tmp_path):
+    model = _model()
+    checkpoints.StageCheckpoint(str(tmp_path), segmenter=model).save(1)
+    inputs = keras.Input((4,))
+    other = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Dense(3)(inputs)))
+    with pytest.raises((ValueError, AssertionError)):
+        checkpoints.restore_for_inference(str(tmp_path), segmenter=other)

@@ -1,0 +1,140 @@
+"""`python -m sait_tf.train`: gin errors, a tiny end-to-end run and its resume after a kill."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from sait_tf import labels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter")
+NUM_SOURCE, NUM_TARGET_TRAIN = 4, 2
+
+
+def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "sait_tf.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_bad_binding_exits_at_once_with_gins_message(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _train(tmp_path, f"--gin_file={REPO}/gin/demo.gin",
+                    "--gin_param=run_pipeline.no_such_knob = 3", f"--run_dir={run_dir}")
+    assert result.returncode != 0
+    assert "no_such_knob" in result.stderr and "run_pipeline" in result.stderr
+    assert not run_dir.exists()
+    assert not (tmp_path / "data").exists()  # the demo pair was not generated either
+
+
+def _tiny_config(tmp_path) -> str:
+    """demo.gin with a 4 + 2 + 2 image pair at 32x64, tiny networks, a few steps, one round."""
+    pair = tmp_path / "pair"
+    path = tmp_path / "tiny.gin"
+    path.write_text(f"""
+include '{REPO}/gin/demo.gin'
+SOURCE_ROOT = '{pair}/source'
+TARGET_ROOT = '{pair}/target'
+run_pipeline.synthetic_pair_root = '{pair}'
+ensure_synthetic_pair.num_source = {NUM_SOURCE}
+ensure_synthetic_pair.num_target_train = {NUM_TARGET_TRAIN}
+ensure_synthetic_pair.num_target_val = 2
+ensure_synthetic_pair.size = (32, 64)
+run_pipeline.batch_size = 2
+run_pipeline.translator_batch_size = 1
+run_pipeline.source_only_steps = 3
+run_pipeline.oracle_steps = 2
+run_pipeline.max_rounds = 1
+run_pipeline.translator_steps = 2
+run_pipeline.segmenter_steps = 3
+run_pipeline.output_discriminator_width = 4
+train_segmenter.eval_every = 2
+build_translator.dim = 8
+build_translator.num_residual_blocks = 1
+build_translator.spade_hidden = 8
+build_patch_discriminator.dim = 8
+build_patch_discriminator.num_layers = 2
+build_patch_discriminator.num_scales = 1
+""")
+    return str(path)
+
+
+def _mtimes(run_dir, *folders: str) -> dict[str, float]:
+    files = [f for folder in folders
+             for f in glob.glob(os.path.join(run_dir, folder, "**", "*"), recursive=True)]
+    return {f: os.path.getmtime(f) for f in files if os.path.isfile(f)}
+
+
+def _check_metrics(run_dir) -> dict:
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert set(metrics) == {"source_only", "oracle", "rounds", "final", "wall_time_s"}
+    assert [r["round"] for r in metrics["rounds"]] == [1]
+    for evaluation in (metrics["oracle"], metrics["rounds"][0]):
+        ious = list(evaluation["per_class_iou"].values())
+        assert list(evaluation["per_class_iou"]) == list(labels.CLASS_NAMES)
+        assert math.isclose(evaluation["mIoU"], np.nanmean(ious), rel_tol=1e-9)
+    candidates = [metrics["source_only"]["mIoU"], metrics["rounds"][0]["mIoU"]]
+    assert metrics["final"]["mIoU"] == max(candidates)
+    expected = ("source_only", None) if candidates[0] >= candidates[1] else (
+        "round_01_segmenter", "round_01_translator")
+    with open(os.path.join(run_dir, "final.json")) as f:
+        assert json.load(f) == {"segmenter_stage": expected[0], "translator_stage": expected[1]}
+    assert set(metrics["wall_time_s"]) >= {*STAGES, "round_01_translate",
+                                           "round_01_pseudo_labels", "export"}
+    return metrics
+
+
+def test_end_to_end_run_then_resume_after_a_kill(tmp_path):
+    config, run_dir = _tiny_config(tmp_path), str(tmp_path / "run")
+    command = (f"--gin_file={config}", f"--run_dir={run_dir}")
+    result = _train(tmp_path, *command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[source_only] step 3/3" in result.stderr  # progress lines
+
+    config_text = open(os.path.join(run_dir, "config.gin")).read().replace("\\\n    ", "")
+    for binding in (f"SOURCE_ROOT = '{tmp_path}/pair/source'", "train_segmenter.lambda_adv",
+                    "run_pipeline.segmenter_steps = 3", "build_segmenter.width_multiplier"):
+        assert binding in config_text
+    for stage in STAGES:
+        assert os.path.exists(os.path.join(run_dir, "checkpoints", stage, "DONE"))
+        assert glob.glob(os.path.join(run_dir, "logs", stage, "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(run_dir, "logs", "config", "events.out.tfevents.*"))
+    assert len(glob.glob(os.path.join(run_dir, "translated", "round_01", "images", "*.png"))) \
+        == NUM_SOURCE
+    pseudo = glob.glob(os.path.join(run_dir, "pseudo_labels", "round_01", "*", "*.png"))
+    assert len(pseudo) == NUM_TARGET_TRAIN
+    values = np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in pseudo]))
+    assert set(values.tolist()) <= set(range(labels.NUM_CLASSES)) | {labels.IGNORE_INDEX}
+    assert glob.glob(os.path.join(run_dir, "export", "sait_segmenter", "1", "saved_model.pb"))
+    metrics = _check_metrics(run_dir)
+
+    # A kill during round 1's segmenter stage: its checkpoints, the round's metrics, final.json
+    # and the export are missing. The source-only mIoU gets a sentinel: it must be kept.
+    finished = _mtimes(run_dir, "checkpoints/source_only", "checkpoints/oracle",
+                       "checkpoints/round_01_translator", "translated", "pseudo_labels")
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "round_01_segmenter", "*")):
+        os.remove(path)
+    for path in ("final.json", "export/DONE"):
+        os.remove(os.path.join(run_dir, path))
+    metrics["source_only"]["mIoU"] = 12.345
+    del metrics["final"], metrics["rounds"][0]
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+    result = _train(tmp_path, *command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[round_01_segmenter] step 3/3" in result.stderr
+    assert "[source_only] step" not in result.stderr
+    assert _mtimes(run_dir, "checkpoints/source_only", "checkpoints/oracle",
+                   "checkpoints/round_01_translator", "translated", "pseudo_labels") == finished
+    resumed = _check_metrics(run_dir)
+    assert resumed["source_only"]["mIoU"] == 12.345
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "round_01_segmenter", "DONE"))
