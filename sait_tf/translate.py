@@ -167,11 +167,7 @@ def restore_models(run_dir: str, round_index: int) -> tuple[keras.Model, keras.M
     """M and F of round ``round_index`` of ``run_dir`` (after ``load_run_config``)."""
     segmenter_dir, translator_dir = finished_stage_dirs(run_dir, round_index)
     segmenter, translator = build_segmenter(), build_translator()
-    # One call in each direction creates every variable before the restore.
-    pixels = tf.zeros([1, 64, 64, 3])
-    logits = segmenter(pixels, training=False)
-    for source, target in (("source", "target"), ("target", "source")):
-        translator.translate(images.pixels_to_unit(pixels), logits, source, target)
+    translator.build()  # creates the variables of E_S, E_T, G_S and G_T before the restore
     checkpoints.restore_for_inference(segmenter_dir, segmenter=segmenter)
     checkpoints.restore_for_inference(translator_dir, translator=translator)
     logging.info("restored M from %s and F from %s", segmenter_dir, translator_dir)

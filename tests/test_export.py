@@ -111,6 +111,13 @@ def test_layout_is_tf_serving_base_name_version(exported):
     assert not [n for n in os.listdir(os.path.join(base, "sait_segmenter")) if n.startswith(".")]
 
 
+def test_each_variable_is_stored_once(models, exported):
+    stored = tf.train.list_variables(
+        os.path.join(exported[1]["sait_segmenter"], "variables", "variables"))
+    stored_values = [name for name, _ in stored if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert len(stored_values) == len(models[0].variables)
+
+
 def test_segmenter_signatures_match_the_keras_model(models, exported, images):
     loaded = tf.saved_model.load(exported[1]["sait_segmenter"])
     assert set(loaded.signatures) == {"serving_default", "predict_encoded"}

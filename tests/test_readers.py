@@ -3,12 +3,12 @@
 import os
 
 import fixture_trees
+import gin
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-import gin
 from sait_tf.data import readers
 
 

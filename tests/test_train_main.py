@@ -67,9 +67,11 @@ build_patch_discriminator.num_scales = 1
 
 
 def _mtimes(run_dir, *folders: str) -> dict[str, float]:
+    """Modification times of the files (DONE markers aside) under ``folders``."""
     files = [f for folder in folders
              for f in glob.glob(os.path.join(run_dir, folder, "**", "*"), recursive=True)]
-    return {f: os.path.getmtime(f) for f in files if os.path.isfile(f)}
+    return {f: os.path.getmtime(f) for f in files
+            if os.path.isfile(f) and os.path.basename(f) != "DONE"}
 
 
 def _check_metrics(run_dir) -> dict:

@@ -16,11 +16,11 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import gin
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-import gin
 from sait_tf import labels
 
 DATASETS = ("gta5", "synthia", "cityscapes")

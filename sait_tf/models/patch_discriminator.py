@@ -7,10 +7,10 @@ image average-pooled 3x3/2. Every conv is spectrally normalised.
 
 from __future__ import annotations
 
+import gin
 import keras
 import tensorflow as tf
 
-import gin
 from sait_tf.models.translator import add_sublayers, spectral_conv
 
 

@@ -295,6 +295,19 @@ class Translator(keras.Model):
         self.target_generator = Generator(latent_dim, num_downsamplings, num_residual_blocks,
                                           spade_hidden, residual_norm, name="target_generator")
 
+    def build(self, input_shape=None) -> None:
+        """Creates the variables of all four networks (``input_shape`` is not needed).
+
+        A call builds only the encoder and generator it uses; checkpoints and optimisers
+        need every variable, so the first call, or a direct ``build()``, creates them all.
+        """
+        side = 2 * self.size_multiple + 4
+        x_unit = tf.zeros([1, side, side, 3])
+        seg_logits = tf.zeros([1, 1, 1, self.num_classes])
+        for domain in DOMAINS:
+            z = self.encode(x_unit, domain)
+            self.decode(z, seg_logits, domain)
+
     @property
     def size_multiple(self) -> int:
         """Image sides that are multiples of this survive encode + decode unchanged."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import gin
 import keras
 import tensorflow as tf
-
-import gin
 
 
 class DivergenceError(RuntimeError):

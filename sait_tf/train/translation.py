@@ -203,6 +203,9 @@ def train_translator(
     only restores the translator's weights. Returns ``translator``.
     """
     stage = os.path.basename(os.path.normpath(stage_dir))
+    if set(discriminators) != set(DOMAINS):
+        raise ValueError(f"train_translator: discriminators must have keys {DOMAINS}, "
+                         f"got {sorted(discriminators)}")
     if checkpoints.is_stage_done(stage_dir):
         _build(segmenter, translator, discriminators, source_dataset, target_dataset)
         checkpoints.restore_for_inference(stage_dir, translator=translator)
@@ -210,9 +213,6 @@ def train_translator(
         return translator
     if steps < 1:
         raise ValueError(f"train_translator: steps must be >= 1, got {steps} for {stage}")
-    if set(discriminators) != set(DOMAINS):
-        raise ValueError(f"train_translator: discriminators must have keys {DOMAINS}, "
-                         f"got {sorted(discriminators)}")
     weights = {"reconstruction": reconstruction_weight, "gan": gan_weight,
                "image_cycle": image_cycle_weight, "latent_cycle": latent_cycle_weight,
                "sce": sce_weight}
@@ -286,21 +286,16 @@ def train_translator(
 def _build(segmenter: keras.Model, translator: keras.Model,
            discriminators: dict[str, keras.Model], source_dataset: tf.data.Dataset,
            target_dataset: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
-    """Creates every variable with one inference call on the first batch of each dataset.
+    """Checks the first batch of each dataset and creates every variable with inference calls.
 
     Returns those first batches (float RGB [0, 255]) for the image previews.
     """
     first = {}
     for domain, dataset, param in (("source", source_dataset, "source_dataset"),
                                    ("target", target_dataset, "target_dataset")):
-        pixels = next(iter(_images_of(dataset, param).take(1)))
-        _check_image_size(pixels, translator.size_multiple, param)
-        x_unit = images.pixels_to_unit(pixels)
-        logits = segmenter(pixels, training=False)
-        z = translator.encode(x_unit, domain)
-        for target in DOMAINS:
-            translator.decode(z, logits, target)
-        if domain in discriminators:
-            discriminators[domain](x_unit)
-        first[domain] = pixels
+        first[domain] = next(iter(_images_of(dataset, param).take(1)))
+        _check_image_size(first[domain], translator.size_multiple, param)
+        discriminators[domain](images.pixels_to_unit(first[domain]))
+    translator((images.pixels_to_unit(first["source"]),
+                segmenter(first["source"], training=False)))
     return first["source"], first["target"]

@@ -1,0 +1,201 @@
+"""The trainer of F: losses, TensorBoard, checkpoints, resume, frozen M, spectral norm."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sait_tf.models.patch_discriminator import build_patch_discriminator
+from sait_tf.models.translator import build_translator
+from sait_tf.train import checkpoints
+from sait_tf.train.translation import DOMAINS, TranslationStep, train_translator
+
+NUM_CLASSES = 3
+SIZE = 16
+STEPS = 4
+LOSS_TAGS = {f"loss/{name}" for name in ("reconstruction", "gan", "image_cycle", "latent_cycle",
+                                         "sce", "generator", "discriminator")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _skip_grappler():
+    """Grappler's rewrites of the step graph take longer than these tiny steps; restored."""
+    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
+
+
+def _segmenter() -> keras.Model:
+    """A stand-in M: RGB [0, 255] -> logits at half resolution."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((None, None, 3))
+    logits = keras.layers.Conv2D(NUM_CLASSES, 3, strides=2, padding="same")(inputs / 127.5 - 1.0)
+    return keras.Model(inputs, logits)
+
+
+def _models(segmenter: keras.Model) -> tuple[keras.Model, dict]:
+    """F, D_S and D_T built the same way in every run: the same initial weights."""
+    keras.utils.set_random_seed(1)
+    translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
+                                  num_residual_blocks=1, spade_hidden=4)
+    discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=2)
+                      for d in DOMAINS}
+    pixels = tf.constant(np.full((1, SIZE, SIZE, 3), 100.0, np.float32))
+    x_unit = pixels / 127.5 - 1.0
+    for source, target in (("source", "target"), ("target", "source")):
+        translator.translate(x_unit, segmenter(pixels), source, target)
+    for discriminator in discriminators.values():
+        discriminator(x_unit)
+    return translator, discriminators
+
+
+def _dataset(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> tf.data.Dataset:
+    """Two batches of two images: an epoch divides the resume point (step 2)."""
+    pixels = np.random.default_rng(seed).uniform(0, 255, (4, *size, 3)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices({"image": pixels}).batch(2)
+
+
+def _train(stage_dir: str, log_dir: str, segmenter, translator, discriminators):
+    return train_translator(segmenter, translator, discriminators, _dataset(0), _dataset(1),
+                            stage_dir, log_dir, STEPS, checkpoint_every=2, summary_every=1,
+                            log_images_every=2)
+
+
+def _u_vectors(*models) -> dict[str, np.ndarray]:
+    return {f"{i}/{v.path}": v.numpy() for i, model in enumerate(models)
+            for v in model.non_trainable_variables if "vector_u" in v.path}
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("continuous"))
+    segmenter = _segmenter()
+    translator, discriminators = _models(segmenter)
+    initial_u = _u_vectors(translator, *discriminators.values())
+    segmenter_before = [v.numpy() for v in segmenter.variables]
+    result = _train(os.path.join(root, "stage"), os.path.join(root, "logs"), segmenter,
+                    translator, discriminators)
+    assert result is translator
+    return dict(root=root, segmenter=segmenter, translator=translator,
+                discriminators=discriminators, initial_u=initial_u,
+                segmenter_before=segmenter_before)
+
+
+def _events(log_dir: str) -> dict[str, dict[int, np.ndarray]]:
+    values: dict[str, dict[int, np.ndarray]] = {}
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                values.setdefault(value.tag, {})[event.step] = tf.make_ndarray(value.tensor)
+    return values
+
+
+def test_trainer_writes_checkpoints_and_marks_the_stage_done(continuous):
+    stage = os.path.join(continuous["root"], "stage")
+    assert checkpoints.is_stage_done(stage)
+    assert tf.train.latest_checkpoint(stage).endswith("ckpt-4")
+    assert os.path.exists(os.path.join(stage, "ckpt-2.index"))
+
+
+def test_tensorboard_has_every_loss_term_and_poly_learning_rates(continuous):
+    events = _events(os.path.join(continuous["root"], "logs"))
+    assert LOSS_TAGS <= set(events)
+    for tag in LOSS_TAGS:
+        assert sorted(events[tag]) == [1, 2, 3, 4]
+        assert all(np.isfinite(v) for v in events[tag].values())
+    for tag, base in (("learning_rate/translator", 1e-4), ("learning_rate/discriminators", 4e-4)):
+        for step, value in events[tag].items():
+            assert float(value) == pytest.approx(base * (1 - step / STEPS) ** 0.9, abs=1e-9)
+    for domain in DOMAINS:
+        grids = events[f"{domain}/image_prediction_translated_cycled"]
+        assert sorted(grids) == [2, 4]
+        width, height, *pngs = grids[4]
+        assert (int(width), int(height), len(pngs)) == (4 * SIZE, SIZE, 2)
+
+
+def test_training_steps_run_spectral_normalisation_and_keep_m_frozen(continuous):
+    after = _u_vectors(continuous["translator"], *continuous["discriminators"].values())
+    assert after.keys() == continuous["initial_u"].keys()
+    unchanged = [k for k, v in continuous["initial_u"].items() if np.array_equal(v, after[k])]
+    assert not unchanged
+    for before, variable in zip(continuous["segmenter_before"], continuous["segmenter"].variables,
+                                strict=True):
+        np.testing.assert_array_equal(before, variable.numpy())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
+    stage, logs = str(tmp_path / "stage"), str(tmp_path / "logs")
+    save = checkpoints.StageCheckpoint.save
+
+    def save_then_stop(self, step):
+        path = save(self, step)
+        raise _Interrupted(path)
+
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "save", save_then_stop)
+    segmenter = _segmenter()
+    with pytest.raises(_Interrupted, match="ckpt-2"):
+        _train(stage, logs, segmenter, *_models(segmenter))
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "save", save)
+    assert not checkpoints.is_stage_done(stage)
+
+    _train(stage, logs, segmenter, *_models(segmenter))
+    resumed = tf.train.latest_checkpoint(stage)
+    reference = tf.train.latest_checkpoint(os.path.join(continuous["root"], "stage"))
+    names = [name for name, _ in tf.train.list_variables(reference)
+             if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert [name for name, _ in tf.train.list_variables(resumed)
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"] == names
+    assert any("translator_optimizer" in name for name in names)
+    for name in names:
+        np.testing.assert_allclose(tf.train.load_variable(resumed, name),
+                                   tf.train.load_variable(reference, name),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_finished_stage_only_restores_the_translator(continuous):
+    segmenter = _segmenter()
+    translator, discriminators = _models(segmenter)
+    stage = os.path.join(continuous["root"], "stage")
+    train_translator(segmenter, translator, discriminators, _dataset(0), _dataset(1), stage,
+                     os.path.join(continuous["root"], "logs_again"), STEPS)
+    for restored, trained in zip(translator.variables, continuous["translator"].variables,
+                                 strict=True):
+        np.testing.assert_array_equal(restored.numpy(), trained.numpy())
+    assert tf.train.latest_checkpoint(stage).endswith("ckpt-4")
+
+
+@pytest.mark.parametrize("use_sce", [True, False])
+def test_sce_gradient_reaches_the_translator_through_the_frozen_segmenter(use_sce):
+    segmenter = _segmenter()
+    translator, discriminators = _models(segmenter)
+    weights = dict(reconstruction=0.0, gan=0.0, image_cycle=0.0, latent_cycle=0.0, sce=1.0)
+    step = TranslationStep(segmenter, translator, discriminators, keras.optimizers.Adam(0.1),
+                           keras.optimizers.Adam(0.1), weights, use_sce)
+    # Spectral normalisation rewrites kernels in every training call; the others only move
+    # when a gradient arrives.
+    watched = [v for v in translator.trainable_variables if not v.path.endswith("kernel")]
+    before = [v.numpy() for v in watched]
+    segmenter_before = [v.numpy() for v in segmenter.variables]
+    pixels = next(iter(_dataset(0)))["image"]
+    terms = step.replica_step(pixels, pixels[::-1])
+    assert ("sce" in terms) == use_sce
+    moved = [not np.array_equal(b, v.numpy()) for b, v in zip(before, watched, strict=True)]
+    assert any(moved) == use_sce
+    for b, v in zip(segmenter_before, segmenter.variables, strict=True):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_image_sides_must_fit_the_translator(tmp_path):
+    segmenter = _segmenter()
+    translator, discriminators = _models(segmenter)
+    with pytest.raises(ValueError, match="source_dataset images are 15x16"):
+        train_translator(segmenter, translator, discriminators, _dataset(0, (15, 16)),
+                         _dataset(1), str(tmp_path / "stage"), str(tmp_path / "logs"), STEPS)
