@@ -42,7 +42,7 @@ def _models(segmenter: keras.Model) -> tuple[keras.Model, dict]:
     keras.utils.set_random_seed(1)
     translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
                                   num_residual_blocks=1, spade_hidden=4)
-    discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=2)
+    discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=1)
                       for d in DOMAINS}
     pixels = tf.constant(np.full((1, SIZE, SIZE, 3), 100.0, np.float32))
     x_unit = pixels / 127.5 - 1.0
@@ -59,10 +59,11 @@ def _dataset(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> tf.data.Dataset
     return tf.data.Dataset.from_tensor_slices({"image": pixels}).batch(2)
 
 
-def _train(stage_dir: str, log_dir: str, segmenter, translator, discriminators):
+def _train(stage_dir: str, log_dir: str, segmenter, translator, discriminators,
+           log_images_every: int = 2):
     return train_translator(segmenter, translator, discriminators, _dataset(0), _dataset(1),
                             stage_dir, log_dir, STEPS, checkpoint_every=2, summary_every=1,
-                            log_images_every=2)
+                            log_images_every=log_images_every)
 
 
 def _u_vectors(*models) -> dict[str, np.ndarray]:
@@ -142,11 +143,11 @@ def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.StageCheckpoint, "save", save_then_stop)
     segmenter = _segmenter()
     with pytest.raises(_Interrupted, match="ckpt-2"):
-        _train(stage, logs, segmenter, *_models(segmenter))
+        _train(stage, logs, segmenter, *_models(segmenter), log_images_every=STEPS)
     monkeypatch.setattr(checkpoints.StageCheckpoint, "save", save)
     assert not checkpoints.is_stage_done(stage)
 
-    _train(stage, logs, segmenter, *_models(segmenter))
+    _train(stage, logs, segmenter, *_models(segmenter), log_images_every=STEPS)
     resumed = tf.train.latest_checkpoint(stage)
     reference = tf.train.latest_checkpoint(os.path.join(continuous["root"], "stage"))
     names = [name for name, _ in tf.train.list_variables(reference)

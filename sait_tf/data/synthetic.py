@@ -154,8 +154,8 @@ def sample_layout(rng: np.random.Generator, size: tuple[int, int] = DEFAULT_SIZE
     below = ys >= horizon
     depth = np.clip((ys - horizon) / ground_h, 0.0, None)  # 0 at the horizon, 1 at the bottom
 
-    def edge_x(bottom_x: float, rows: np.ndarray) -> np.ndarray:
-        return vanish_x + (bottom_x - vanish_x) * rows
+    def edge_x(bottom_x: float, depth_fraction: np.ndarray) -> np.ndarray:
+        return vanish_x + (bottom_x - vanish_x) * depth_fraction
 
     layout[below] = SIDEWALK
     for side, outer in ((0, walk_left), (1, walk_right)):
