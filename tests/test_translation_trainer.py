@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sait_tf import images, labels
+from sait_tf.data import synthetic
+from sait_tf.models import build_segmenter
 from sait_tf.models.patch_discriminator import build_patch_discriminator
 from sait_tf.models.translator import build_translator
 from sait_tf.train import checkpoints
@@ -200,3 +203,63 @@ def test_image_sides_must_fit_the_translator(tmp_path):
     with pytest.raises(ValueError, match="source_dataset images are 15x16"):
         train_translator(segmenter, translator, discriminators, _dataset(0, (15, 16)),
                          _dataset(1), str(tmp_path / "stage"), str(tmp_path / "logs"), STEPS)
+
+
+def _class_means(pixels: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
+    """Mean RGB [19, 3] of each trainId over all images; NaN for rare classes."""
+    means = np.full((labels.NUM_CLASSES, 3), np.nan)
+    for class_id in range(labels.NUM_CLASSES):
+        mask = train_ids == class_id
+        if mask.sum() > 50:
+            means[class_id] = pixels[mask].mean(axis=0)
+    return means
+
+
+def test_translation_moves_source_colours_toward_the_target_on_the_synthetic_pair(tmp_path):
+    """Demo-sized F (M an untrained small DeepLabV2), 120 steps at 32x64: per-class colours."""
+    size, count, steps = (32, 64), 32, 120
+    pairs = {domain: [synthetic.sample_example(0, domain, "train", i, size) for i in range(count)]
+             for domain in DOMAINS}
+    source = np.stack([image for image, _ in pairs["source"]]).astype(np.float32)
+    source_ids = labels.LABEL_ID_TO_TRAIN_ID[np.stack([layout for _, layout in pairs["source"]])]
+    target = np.stack([image for image, _ in pairs["target"]]).astype(np.float32)
+
+    def dataset(pixels: np.ndarray) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices({"image": pixels}).shuffle(
+            count, seed=0).batch(4, drop_remainder=True)
+
+    keras.utils.set_random_seed(0)
+    segmenter = build_segmenter("deeplabv2", blocks=(1, 1, 1, 1), width_multiplier=0.125)
+
+    def demo_translator() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return build_translator(dim=16, num_residual_blocks=2, spade_hidden=32)
+
+    def translate(translator: keras.Model) -> np.ndarray:
+        return np.concatenate([images.unit_to_pixels(translator.translate(
+            images.pixels_to_unit(source[i:i + 8]), segmenter(source[i:i + 8]), "source",
+            "target")).numpy() for i in range(0, count, 8)])
+
+    untrained = translate(demo_translator())
+    translator = demo_translator()
+    discriminators = {d: build_patch_discriminator(dim=16, num_layers=3, num_scales=2)
+                      for d in DOMAINS}
+    train_translator(segmenter, translator, discriminators, dataset(source), dataset(target),
+                     str(tmp_path / "stage"), str(tmp_path / "logs"), steps,
+                     checkpoint_every=steps, summary_every=steps, log_images_every=steps)
+
+    target_colours = synthetic.domain_class_colors("target", 64, size)
+    source_colours = synthetic.domain_class_colors("source", 64, size)
+    before = _class_means(source, source_ids)
+    after = _class_means(translate(translator), source_ids)
+    baseline = _class_means(untrained, source_ids)
+    drawn = ~np.isnan(before[:, 0]) & ~np.isnan(after[:, 0]) & ~np.isnan(target_colours[:, 0])
+    assert drawn.sum() >= 8
+
+    def distance(colours: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(colours[drawn] - reference[drawn], axis=1)
+
+    to_target = distance(after, target_colours)
+    assert to_target.mean() < 0.7 * distance(before, target_colours).mean()
+    assert to_target.mean() < 0.8 * distance(baseline, target_colours).mean()
+    assert (to_target < distance(after, source_colours)).mean() >= 2 / 3

@@ -79,6 +79,10 @@ TRANSLATION_WEIGHTS = dict.fromkeys(LOSS_TERMS, 1.0)
 Clock = Callable[[], float]
 
 
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(values))
+
+
 @dataclasses.dataclass
 class BenchmarkConfig:
     """What to measure. ``*_knobs`` are keyword arguments of the model builders."""
@@ -98,7 +102,6 @@ class BenchmarkConfig:
     discriminator_knobs: dict = dataclasses.field(default_factory=dict)
     num_classes: int = labels.NUM_CLASSES
     matmul_size: int = 2048
-    matmul_repeats: int = 5
     pipeline_batches: int = 20
 
     @property
@@ -117,8 +120,7 @@ def check_config(config: BenchmarkConfig) -> None:
     if config.mixed_precision not in PRECISIONS:
         raise ValueError(f"--mixed_precision: expected one of {PRECISIONS}, got "
                          f"{config.mixed_precision!r}")
-    for name in ("height", "width", "batch", "steps", "matmul_size", "matmul_repeats",
-                 "pipeline_batches"):
+    for name in ("height", "width", "batch", "steps", "matmul_size", "pipeline_batches"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.warmup < 0:
@@ -212,7 +214,8 @@ def time_calls(functions: dict[str, Callable[[], object]], steps: int, warmup: i
     """Seconds of each of ``steps`` calls of every function, after ``warmup`` untimed calls.
 
     With several functions the timed calls run in ``rounds`` blocks that alternate between
-    the functions (A A B B A A B B), so a change of machine load affects all of them alike.
+    the functions (A A B B A A B B; ``rounds=steps`` gives A B A B), so a change of machine
+    load affects all of them alike.
     Results must be materialised by the functions themselves (e.g. ``.numpy()``).
     """
     for function in functions.values():
@@ -233,17 +236,21 @@ def time_calls(functions: dict[str, Callable[[], object]], steps: int, warmup: i
     return times
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 5,
-                        clock: Clock = time.perf_counter) -> dict[str, float]:
-    """Float32 ``size`` x ``size`` matmul: counted FLOPs (2 size^3), median seconds, GFLOP/s."""
+def matmul_call(size: int = 2048) -> tuple[Callable[[], np.ndarray], int]:
+    """A float32 ``size`` x ``size`` matmul to time, and its counted FLOPs (2 size^3)."""
     generator = tf.random.Generator.from_seed(0)
     a = generator.uniform([size, size])
     b = generator.uniform([size, size])
     matmul = tf.function(lambda: tf.matmul(a, b)).get_concrete_function()
-    flops = count_flops(matmul)
-    seconds = float(np.median(time_calls({"matmul": lambda: matmul().numpy()}, repeats,
-                                         warmup=1, clock=clock, stage="benchmark/matmul")
-                              ["matmul"]))
+    return (lambda: matmul().numpy()), count_flops(matmul)
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5,
+                        clock: Clock = time.perf_counter) -> dict[str, float]:
+    """The machine's float32 matmul peak: counted FLOPs, median seconds of ``repeats``, GFLOP/s."""
+    matmul, flops = matmul_call(size)
+    seconds = _median(time_calls({"matmul": matmul}, repeats, warmup=1, clock=clock,
+                                 stage="benchmark/matmul")["matmul"])
     return {"flops": flops, "median_s": seconds, "gflops_per_s": flops / seconds / 1e9}
 
 
@@ -461,7 +468,7 @@ def torch_train_step(config: BenchmarkConfig, pixels: np.ndarray, train_ids: np.
         loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=labels.IGNORE_INDEX)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -528,10 +535,6 @@ def run_benchmark(config: BenchmarkConfig, work_dir: str | None = None) -> dict:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _median(values: Sequence[float]) -> float:
-    return float(np.median(values))
-
-
 def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     result = {"config": dataclasses.asdict(config), "machine": machine_info(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -553,7 +556,7 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
                                                          train_step(*train_args))}
     if config.torch:
         steps["torch"] = torch_train_step(config, pixels, train_ids, tensorflow_threads())
-    times = time_calls(steps, config.steps, config.warmup, rounds=2 if config.torch else 1,
+    times = time_calls(steps, config.steps, config.warmup, rounds=config.steps,
                        stage="benchmark/train_step")
     result["train_step_s"] = _median(times["tensorflow"])
     result["train_step_times_s"] = times["tensorflow"]
@@ -568,13 +571,15 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
         result["machine"]["torch_threads"] = torch.get_num_threads()
     result["peak_rss_mb_after_train"] = peak_rss_mb()
 
-    matmul = measure_matmul_peak(config.matmul_size, config.matmul_repeats)
-    result["matmul_peak_gflops_per_s"] = matmul["gflops_per_s"]
+    # The forward pass and the matmul alternate call by call, so that both see the same load.
     forward, forward_args = _forward(models, config, pixels)
     result["forward_gflops"] = count_flops(forward) / 1e9
-    forward_times = time_calls({"forward": lambda: forward(*forward_args).numpy()},
-                               config.steps, config.warmup, stage="benchmark/forward")
-    result["forward_s"] = _median(forward_times["forward"])
+    matmul, matmul_flops = matmul_call(config.matmul_size)
+    times = time_calls({"forward": lambda: forward(*forward_args).numpy(), "matmul": matmul},
+                       config.steps, config.warmup, rounds=config.steps,
+                       stage="benchmark/forward_and_matmul")
+    result["forward_s"] = _median(times["forward"])
+    result["matmul_peak_gflops_per_s"] = matmul_flops / _median(times["matmul"]) / 1e9
     result["achieved_gflops_per_s"] = result["forward_gflops"] / result["forward_s"]
     result["train_achieved_gflops_per_s"] = result["train_step_gflops"] / result["train_step_s"]
     result["fraction_of_matmul_peak"] = (result["achieved_gflops_per_s"]
@@ -588,7 +593,7 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     inference = time_calls(
         {"saved_model": lambda: {k: v.numpy() for k, v in serving(images=uint8_pixels).items()},
          "keras": lambda: {k: v.numpy() for k, v in keras_call(uint8_pixels).items()}},
-        config.steps, config.warmup, rounds=2, stage="benchmark/inference")
+        config.steps, config.warmup, rounds=config.steps, stage="benchmark/inference")
     result["inference_saved_model_s"] = _median(inference["saved_model"])
     result["inference_keras_s"] = _median(inference["keras"])
     result["saved_model_over_keras"] = (result["inference_saved_model_s"]

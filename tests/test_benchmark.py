@@ -1,0 +1,100 @@
+"""The speed benchmark: its FLOP counter, its timing arithmetic and a tiny complete run."""
+
+import itertools
+import json
+import math
+
+import keras
+import pytest
+import tensorflow as tf
+
+from sait_tf.tools import benchmark
+
+TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
+
+
+def fake_clock(tick: float):
+    """A clock that advances ``tick`` seconds every time it is read."""
+    return itertools.count(start=0.0, step=tick).__next__
+
+
+def test_count_flops_of_one_convolution_is_the_hand_count():
+    batch, height, width, c_in, c_out, k = 2, 12, 20, 3, 8, 5
+    model = keras.Sequential([keras.Input((height, width, c_in), batch_size=batch),
+                              keras.layers.Conv2D(c_out, k, padding="same", use_bias=False)])
+    forward = tf.function(lambda x: model(x)).get_concrete_function(
+        tf.TensorSpec([batch, height, width, c_in]))
+    assert benchmark.count_flops(forward) == 2 * batch * height * width * c_in * c_out * k * k
+
+
+def test_count_flops_counts_executed_convolution_gradients_by_their_output():
+    # A 'valid' 3x3 convolution of 10x12 images has 8x10 outputs: each gradient costs what the
+    # forward pass does, F. TensorFlow's own registry would count the gradients from the
+    # 10x12 input (1.5 F each).
+    kernel = tf.Variable(tf.ones([3, 3, 4, 5]))
+    spec = tf.TensorSpec([2, 10, 12, 4])
+    forward_flops = 2 * 2 * 8 * 10 * 4 * 5 * 3 * 3
+
+    def gradients(x, wrt_input):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "VALID"))
+        return tape.gradient(loss, [x, kernel] if wrt_input else [kernel])
+
+    kernel_only = tf.function(lambda x: gradients(x, False)).get_concrete_function(spec)
+    both = tf.function(lambda x: gradients(x, True)).get_concrete_function(spec)
+    # The gradient of a sum does not need the forward output, and an input gradient nobody
+    # asks for is pruned: only the executed convolutions count.
+    assert benchmark.count_flops(kernel_only) == forward_flops
+    assert benchmark.count_flops(both) == 2 * forward_flops
+
+
+def test_matmul_peak_is_counted_flops_over_median_time():
+    size = 64
+    peak = benchmark.measure_matmul_peak(size, repeats=3, clock=fake_clock(0.25))
+    assert peak["flops"] == 2 * size**3
+    assert peak["median_s"] == pytest.approx(0.25)
+    assert peak["gflops_per_s"] == pytest.approx(2 * size**3 / 0.25 / 1e9)
+
+
+def test_time_calls_alternates_blocks_after_warmup():
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    times = benchmark.time_calls(functions, steps=5, warmup=1, rounds=2, clock=fake_clock(0.5))
+    assert "".join(calls) == "a" "b" "aaa" "bbb" "aa" "bb"
+    assert times == {"a": [0.5] * 5, "b": [0.5] * 5}
+
+
+@pytest.mark.parametrize("changes, parameter", [
+    ({"model": "translator", "torch": True}, "--torch"),
+    ({"model": "translator", "height": 30}, "--height/--width"),
+    ({"mixed_precision": "float16"}, "--mixed_precision"),
+    ({"steps": 0}, "--steps"),
+])
+def test_check_config_names_the_bad_parameter(changes, parameter):
+    config = benchmark.BenchmarkConfig(**{"model": "deeplabv2", "height": 32, "width": 64,
+                                          **changes})
+    with pytest.raises(ValueError, match=parameter):
+        benchmark.check_config(config)
+
+
+def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
+    pytest.importorskip("torch")
+    config = benchmark.BenchmarkConfig(
+        model="deeplabv2", height=32, width=64, batch=2, steps=3, warmup=1, torch=True,
+        segmenter_knobs=TINY_DEEPLAB, matmul_size=256, pipeline_batches=3)
+    benchmark.write_json(benchmark.run_benchmark(config, str(tmp_path)), str(tmp_path / "r.json"))
+    with open(tmp_path / "r.json") as f:
+        result = json.load(f)
+    for key in (*benchmark.REQUIRED_KEYS, "torch_train_step_s", "train_step_over_torch"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["images_per_s"] == pytest.approx(2 / result["train_step_s"])
+    assert result["saved_model_over_keras"] == pytest.approx(
+        result["inference_saved_model_s"] / result["inference_keras_s"])
+    assert result["fraction_of_matmul_peak"] == pytest.approx(
+        result["forward_gflops"] / result["forward_s"] / result["matmul_peak_gflops_per_s"])
+    # Backward = two forward-sized convolutions per layer (minus the first layer's input
+    # gradient), plus element-wise work: the step counts close to 3 forward passes.
+    assert 2.7 < result["train_step_gflops"] / result["forward_gflops"] < 3.2
+    assert result["machine"]["tensorflow_version"] == tf.__version__
+    assert keras.mixed_precision.global_policy().name == "float32"
