@@ -18,12 +18,13 @@ def segmentation_cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tenso
     ``logits`` NHWC at any resolution are upsampled bilinearly to the label size first,
     as the peers do; ``labels`` are int trainIds [N, H, W] with ``IGNORE_INDEX``.
     """
-    logits = resize_logits(logits, tf.shape(labels)[1:3])
+    # float32 before resizing: XLA cannot differentiate the bilinear resize of bfloat16.
+    logits = resize_logits(tf.cast(logits, tf.float32), tf.shape(labels)[1:3])
     labels = tf.cast(labels, tf.int32)
     valid = tf.not_equal(labels, IGNORE_INDEX)
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
     per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=safe_labels, logits=tf.cast(logits, tf.float32))
+        labels=safe_labels, logits=logits)
     valid = tf.cast(valid, tf.float32)
     return tf.reduce_sum(per_pixel * valid) / tf.maximum(tf.reduce_sum(valid), 1.0)
 

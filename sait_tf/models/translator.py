@@ -42,6 +42,22 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
             raise ValueError("SpectralNormalization here wraps a Conv2D without activation")
         super().__init__(layer, **kwargs)
 
+    def build(self, input_shape) -> None:
+        """Keras' build, with ``vector_u`` aggregated ONLY_FIRST_REPLICA.
+
+        Every training call writes ``vector_u`` inside the replica step; under tf.distribute
+        the first replica's value is then copied to all, so the replicas' copies cannot
+        drift apart (Keras' default aggregation lets each replica keep its own).
+        """
+        keras.layers.Wrapper.build(self, input_shape)
+        self.input_spec = keras.layers.InputSpec(min_ndim=1, axes={-1: input_shape[-1]})
+        self.kernel = self.layer.kernel
+        self.kernel_shape = self.kernel.shape
+        self.vector_u = self.add_weight(
+            shape=(1, self.kernel_shape[-1]),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02), trainable=False,
+            name="vector_u", dtype=self.kernel.dtype, aggregation="only_first_replica")
+
     def normalized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
         """``(vector_u after the power iterations, kernel / sigma)``; changes no variable."""
         kernel = self.kernel.value

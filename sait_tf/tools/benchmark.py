@@ -35,7 +35,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import keras
 import numpy as np
@@ -47,7 +47,7 @@ from sait_tf.data import readers, synthetic
 from sait_tf.models import build_segmenter
 from sait_tf.models.patch_discriminator import build_patch_discriminator
 from sait_tf.models.translator import DOMAINS, build_translator
-from sait_tf.train import step_guard
+from sait_tf.train import distribute
 from sait_tf.train.optimizers import SEGMENTATION_OPTIMIZERS, poly_schedule
 from sait_tf.train.progress import Progress
 from sait_tf.train.translation import LOSS_TERMS, TranslationStep
@@ -69,10 +69,6 @@ TORCH_REFERENCE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, 
 # roughly the work of a GTA5 image (1914x1052 -> 1280x720 -> 1024x512 crop).
 PIPELINE_FILE_SCALE = 2.0
 PIPELINE_RESIZE_SCALE = 1.25
-# Static loss scale of the mixed_float16 segmenter step: the same work per step as Keras'
-# LossScaleOptimizer (scale the loss, unscale every gradient); overflowing steps are skipped by
-# the step guard like in the trainers.
-FLOAT16_LOSS_SCALE = 2.0**15
 # The translator's loss weights do not change the work of a step.
 TRANSLATION_WEIGHTS = dict.fromkeys(LOSS_TERMS, 1.0)
 
@@ -267,29 +263,36 @@ def _random_inputs(config: BenchmarkConfig) -> tuple[np.ndarray, np.ndarray]:
     return pixels, train_ids
 
 
+def _build_optimizers(optimizers: Iterable[tuple[keras.optimizers.Optimizer, list]]) -> None:
+    """Creates the optimisers' slots and loss scales before tracing, as ``StageCheckpoint``."""
+    for optimizer, variables in optimizers:
+        if not optimizer.built:
+            optimizer.build(variables)
+
+
 def segmenter_train_step(segmenter: keras.Model, config: BenchmarkConfig
                          ) -> tf.types.experimental.ConcreteFunction:
     """The compiled step of M's trainer on (images, labels) of the configured static shape.
 
     Cross-entropy (Eq. 8) and the architecture's optimiser recipe from
-    ``train.optimizers`` (DeepLabV2: SGD momentum, classifier at 10x; FCN8s: Adam), applied
-    through the step guard as in ``train.segmentation``.
+    ``train.optimizers`` (DeepLabV2: SGD momentum, classifier at 10x; FCN8s: Adam), loss
+    scaled for float16 and applied through the step guard, as in ``train.segmentation``.
     """
-    optimizer = SEGMENTATION_OPTIMIZERS[config.arch](1_000_000)
     variables = segmenter.trainable_variables
-    loss_scale = FLOAT16_LOSS_SCALE if config.mixed_precision == "mixed_float16" else 1.0
+    optimizer = SEGMENTATION_OPTIMIZERS[config.arch](1_000_000)
+    if distribute.computes_in_float16(segmenter):
+        optimizer = optimizer.with_loss_scaling(variables)
+    _build_optimizers(optimizer.checkpoint_items("segmenter", variables).values())
 
     def step(pixels: tf.Tensor, train_ids: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = losses.segmentation_cross_entropy(segmenter(pixels, training=True), train_ids)
-            scaled = loss * loss_scale
-        grads = tape.gradient(scaled, variables)
-        if loss_scale != 1.0:
-            grads = [None if g is None else g / loss_scale for g in grads]
-        step_guard.apply_if_finite(optimizer, grads, variables, loss)
+            grads_of = distribute.scale_loss(optimizer, loss)
+        grads = tape.gradient(grads_of, variables)
+        distribute.apply_gradients(optimizer, grads, variables, loss)
         return loss
 
-    return tf.function(step, jit_compile=config.jit_compile).get_concrete_function(
+    return tf.function(step, autograph=False, jit_compile=config.jit_compile).get_concrete_function(
         tf.TensorSpec([config.batch, config.height, config.width, 3], tf.float32),
         tf.TensorSpec([config.batch, config.height, config.width], tf.int32))
 
@@ -297,14 +300,24 @@ def segmenter_train_step(segmenter: keras.Model, config: BenchmarkConfig
 def translator_train_step(segmenter: keras.Model, translator: keras.Model,
                           discriminators: dict[str, keras.Model], config: BenchmarkConfig
                           ) -> tf.types.experimental.ConcreteFunction:
-    """The compiled step of F's trainer (``TranslationStep``) on source and target images."""
-    def adam(learning_rate: float, name: str) -> keras.optimizers.Adam:
-        return keras.optimizers.Adam(poly_schedule(learning_rate, 1_000_000), beta_1=0.9,
-                                     beta_2=0.99, epsilon=1e-8, name=name)
+    """The compiled step of F's trainer (``TranslationStep``) on source and target images.
+
+    Adam (0.9, 0.99) with poly decay for F and for D_S + D_T, loss-scaled for float16, as in
+    ``train.translation``; the learning rates do not change the work.
+    """
+    def adam(name: str, model: keras.Model) -> keras.optimizers.Optimizer:
+        optimizer = keras.optimizers.Adam(poly_schedule(1e-4, 1_000_000), beta_1=0.9,
+                                          beta_2=0.99, epsilon=1e-8, name=name)
+        if distribute.computes_in_float16(model):
+            return keras.optimizers.LossScaleOptimizer(optimizer, name=name)
+        return optimizer
 
     trainer = TranslationStep(segmenter, translator, discriminators,
-                              adam(1e-4, "translator"), adam(4e-4, "discriminators"),
+                              adam("translator", translator),
+                              adam("discriminators", discriminators["source"]),
                               TRANSLATION_WEIGHTS, use_sce=True)
+    _build_optimizers([(trainer.generator_optimizer, trainer.generator_variables),
+                       (trainer.discriminator_optimizer, trainer.discriminator_variables)])
     spec = tf.TensorSpec([config.batch, config.height, config.width, 3], tf.float32)
     return tf.function(trainer.replica_step, autograph=False,
                        jit_compile=config.jit_compile).get_concrete_function(spec, spec)
@@ -332,7 +345,7 @@ def _forward(models: dict, config: BenchmarkConfig, pixels: np.ndarray
     segmenter = models["segmenter"]
     pixel_spec = tf.TensorSpec(pixels.shape, tf.float32)
     if config.model in SEGMENTERS:
-        function = tf.function(lambda x: segmenter(x, training=False),
+        function = tf.function(lambda x: segmenter(x, training=False), autograph=False,
                                jit_compile=config.jit_compile)
         return function.get_concrete_function(pixel_spec), [tf.constant(pixels)]
     x_unit = images.pixels_to_unit(tf.constant(pixels))
@@ -342,7 +355,7 @@ def _forward(models: dict, config: BenchmarkConfig, pixels: np.ndarray
     def translate(x: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
         return translator.translate(x, logits, "source", "target")
 
-    function = tf.function(translate, jit_compile=config.jit_compile)
+    function = tf.function(translate, autograph=False, jit_compile=config.jit_compile)
     concrete = function.get_concrete_function(tf.TensorSpec(x_unit.shape, tf.float32),
                                               tf.TensorSpec(seg_logits.shape, seg_logits.dtype))
     return concrete, [x_unit, seg_logits]
@@ -369,7 +382,7 @@ def _inference_functions(models: dict, config: BenchmarkConfig, work_dir: str
         def in_process(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"translated": export.translate_pixels(translator, segmenter, pixels)}
     serving = tf.saved_model.load(written[name]).signatures["serving_default"]
-    keras_call = tf.function(in_process, input_signature=[export.IMAGES_SPEC])
+    keras_call = tf.function(in_process, input_signature=[export.IMAGES_SPEC], autograph=False)
     return serving, keras_call
 
 
@@ -527,7 +540,7 @@ def run_benchmark(config: BenchmarkConfig, work_dir: str | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="sait_benchmark_") as tmp:
             return run_benchmark(config, tmp)
     previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(
+    distribute.set_precision(
         "float32" if config.mixed_precision == "none" else config.mixed_precision)
     try:
         return _run(config, work_dir)

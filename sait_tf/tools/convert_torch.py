@@ -106,10 +106,12 @@ def _expected_torch_shape(variable: keras.Variable, convert: Callable) -> tuple[
 
 def _strip_prefixes(state_dict: dict[str, np.ndarray], top_level: set[str]) -> dict:
     """Drops leading components (``Scale.``, ``module.``) shared by all keys and unknown to
-    the network."""
+    the network. What stays must still be ``module.parameter``: in ``fc.weight``, ``fc`` is a
+    layer, not a wrapper."""
     while state_dict:
         heads = {key.split(".", 1)[0] for key in state_dict}
-        if len(heads) != 1 or heads <= top_level or not all("." in k for k in state_dict):
+        if len(heads) != 1 or heads <= top_level or not all(k.count(".") >= 2
+                                                             for k in state_dict):
             break
         logging.info("Stripping the prefix %r from every checkpoint key.", f"{heads.pop()}.")
         state_dict = {key.split(".", 1)[1]: value for key, value in state_dict.items()}

@@ -16,6 +16,7 @@ import gin
 from absl import app, flags, logging
 
 from sait_tf.train.pipeline import run_pipeline
+from sait_tf.train.step_guard import DivergenceError
 
 FLAGS = flags.FLAGS
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
@@ -56,16 +57,29 @@ def parse_gin(gin_files: list[str], gin_params: list[str]) -> None:
     gin.parse_config_files_and_bindings(gin_files, gin_params)
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line, without gin's "In call to configurable" trail."""
+    lines = (line.strip() for line in str(error).splitlines())
+    return " ".join(line for line in lines
+                    if line and not line.startswith("In call to configurable"))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         parse_gin(FLAGS.gin_file, FLAGS.gin_param)
     except Exception as e:  # gin raises ValueError, SyntaxError, TokenError, OSError...
-        sys.exit(f"error in the gin configuration: {e}")
+        sys.exit(f"error in the gin configuration: {one_line(e)}")
     run_dir = FLAGS.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     logging.info("run directory: %s", run_dir)
-    run_pipeline(run_dir)
+    try:
+        run_pipeline(run_dir)
+    except (OSError, ValueError, DivergenceError) as e:
+        # Bad data, settings, weights or run directory, and divergence: their messages name
+        # the culprit. The traceback is logged at --verbosity=1.
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.exit(f"error: {one_line(e)}")
 
 
 if __name__ == "__main__":

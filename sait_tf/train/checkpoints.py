@@ -36,6 +36,42 @@ def _checkpointable(name: str, obj):
     return obj
 
 
+def _variable_lists(name: str, obj) -> list[tuple[str, _VariableList]]:
+    """(checkpoint path prefix, variable list) of a ``_checkpointable`` result."""
+    if isinstance(obj, dict):
+        return [entry for key, value in obj.items()
+                for entry in _variable_lists(f"{name}/{key}", value)]
+    return [(name, obj)] if isinstance(obj, _VariableList) else []
+
+
+def _check_fits(path: str, objects: dict) -> None:
+    """Raises before restoring anything when the checkpoint at ``path`` holds other networks
+    (another architecture, class count or size): TensorFlow would fail halfway through, with
+    a message that names neither the checkpoint nor the likely cause."""
+    stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    problem = None
+    for prefix, variables in (entry for name, obj in objects.items()
+                              for entry in _variable_lists(name, obj)):
+        keys = {key for key in stored if key.startswith(f"{prefix}/ordered/")}
+        if len(keys) != len(variables.ordered):
+            problem = (f"it holds {len(keys)} variables of '{prefix}', the model has "
+                       f"{len(variables.ordered)}")
+            break
+        for key, variable in variables.ordered.items():
+            shape = stored.get(f"{prefix}/ordered/{key}/.ATTRIBUTES/VARIABLE_VALUE")
+            if shape is None or list(shape) != list(variable.shape):
+                problem = (f"'{prefix}' variable {getattr(variable, 'path', variable.name)} has "
+                           f"shape {shape and tuple(shape)} in it, {tuple(variable.shape)} in "
+                           "the model")
+                break
+        if problem:
+            break
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit the model: {problem}; it was written "
+                         "with another architecture, class count or size (use another "
+                         "--run_dir, or the configuration that wrote it)")
+
+
 class StageCheckpoint:
     """A ``tf.train.CheckpointManager`` over named trackables plus a step counter.
 
@@ -59,6 +95,7 @@ class StageCheckpoint:
         objects = dict(trackables)
         objects.update({name: opt for name, (opt, _) in (optimizers or {}).items()})
         objects = {name: _checkpointable(name, obj) for name, obj in objects.items()}
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
         self.directory = directory
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
@@ -67,6 +104,7 @@ class StageCheckpoint:
         """Restores the newest checkpoint if there is one; returns the step it resumes at."""
         latest = self.manager.latest_checkpoint
         if latest:
+            _check_fits(latest, self.objects)
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Resumed %s at step %d", latest, int(self.step.numpy()))
         return int(self.step.numpy())
@@ -100,5 +138,6 @@ def restore_for_inference(stage_dir: str, **trackables) -> str:
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {stage_dir}")
     objects = {name: _checkpointable(name, obj) for name, obj in trackables.items()}
+    _check_fits(latest, objects)
     tf.train.Checkpoint(**objects).restore(latest).expect_partial().assert_existing_objects_matched()
     return latest

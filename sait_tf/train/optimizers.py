@@ -72,15 +72,39 @@ class GroupedOptimizer:
         parts = self.partition(variables)
         return {f"{prefix}_{name}": (opt, parts[name]) for name, _, opt in self._groups}
 
+    def with_loss_scaling(self, variables: Sequence[tf.Variable]) -> GroupedOptimizer:
+        """The same groups, each that trains some of ``variables`` behind a LossScaleOptimizer.
+
+        For float16 models: the trainer scales the loss by the groups' common scale and
+        ``distribute.apply_gradients`` keeps their scales equal (all step on every applied
+        update, all halve on a skipped one). Groups without variables never step, so they
+        stay unwrapped.
+        """
+        parts = self.partition(variables)
+        return GroupedOptimizer(
+            [(name, None if regex is None else regex.pattern,
+              keras.optimizers.LossScaleOptimizer(opt, name=name) if parts[name] else opt)
+             for name, regex, opt in self._groups],
+            weight_decay=self.weight_decay)
+
     def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable]) -> None:
-        """Applies each group's gradients with its own optimiser (and learning rate)."""
+        """Applies each group's gradients with its own optimiser (and learning rate).
+
+        Call in replica context. Under tf.distribute the optimisers sum the replicas'
+        gradients, so each replica adds its 1/replicas part of the weight decay term.
+        Loss-scaled gradients get that term scaled alike, so the optimiser's unscaling
+        leaves it as it is without scaling.
+        """
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         per_group: dict[str, tuple[list, list]] = {name: ([], []) for name, _, _ in self._groups}
         for grad, variable in zip(grads, variables, strict=True):
             if grad is None:
                 continue
+            group = self.group_of(variable)
             if self.weight_decay:
-                grad = grad + self.weight_decay * variable
-            group_grads, group_vars = per_group[self.group_of(variable)]
+                decay = self.weight_decay / replicas * _loss_scale(self.optimizers[group])
+                grad = grad + decay * variable
+            group_grads, group_vars = per_group[group]
             group_grads.append(grad)
             group_vars.append(variable)
         for name, _, opt in self._groups:
@@ -89,8 +113,16 @@ class GroupedOptimizer:
                 opt.apply(group_grads, group_vars)
 
     def learning_rates(self) -> dict[str, float]:
-        """Current learning rate of each group (for TensorBoard)."""
-        return {name: float(opt.learning_rate) for name, _, opt in self._groups}
+        """Current learning rate of each group (for TensorBoard; also of mirrored variables)."""
+        return {name: float(tf.convert_to_tensor(opt.learning_rate))
+                for name, _, opt in self._groups}
+
+
+def _loss_scale(optimizer: keras.optimizers.Optimizer) -> tf.Tensor | float:
+    """The current loss scale of a ``LossScaleOptimizer``; 1 for any other optimiser."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.dynamic_scale
+    return 1.0
 
 
 @gin.configurable

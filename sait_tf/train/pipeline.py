@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from sait_tf.models.discriminators import OutputDiscriminator
 from sait_tf.models.patch_discriminator import build_patch_discriminator
 from sait_tf.models.translator import build_translator
 from sait_tf.train import checkpoints
+from sait_tf.train.distribute import make_strategy, set_precision
 from sait_tf.train.pseudo_labels import generate_pseudo_labels
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import train_translator
@@ -146,7 +148,6 @@ def run_pipeline(
     num_classes_reported: int = labels.NUM_CLASSES,
     seed: int = 0,
     export: bool = True,
-    mirrored_strategy: bool = False,
 ) -> dict:
     """Runs (or resumes) the whole method in ``run_dir``; returns the metrics.
 
@@ -157,11 +158,16 @@ def run_pipeline(
     ``synthetic_pair_root`` generates the embedded pair there first (the demo).
     ``init_weights`` (a ``.weights.h5`` from ``sait_tf.tools.convert_torch``) starts M; with
     ``source_only_steps=0`` it is the source-only model. ``oracle_steps=0`` skips the oracle.
+    Every stage trains under the strategy of ``make_strategy`` (gin) in the precision of
+    ``set_precision``; ``batch_size`` and ``translator_batch_size`` are global batches.
     """
     _check_settings(source_only_steps, init_weights, max_rounds, patience)
+    _check_run_dir(run_dir)
     started = time.monotonic()
-    strategy = (tf.distribute.MirroredStrategy() if mirrored_strategy
-                else tf.distribute.get_strategy())
+    strategy = make_strategy()
+    _check_batch_sizes(strategy.num_replicas_in_sync, batch_size=batch_size,
+                       translator_batch_size=translator_batch_size)
+    set_precision()
     if synthetic_pair_root:
         synthetic.ensure_synthetic_pair(synthetic_pair_root)
 
@@ -185,13 +191,12 @@ def run_pipeline(
 
     def load_init(model: keras.Model) -> keras.Model:
         if init_weights:
-            model.load_weights(init_weights)
+            _load_init_weights(model, init_weights)
         return model
 
     val_data = evaluation_dataset(target_val, input_size=target_resize)
     with strategy.scope():
         segmenter = load_init(build_segmenter())
-    os.makedirs(run_dir, exist_ok=True)
     config_writer = OperativeConfigWriter(run_dir)
     config_writer.write()
     state = RunState(run_dir)
@@ -311,6 +316,42 @@ def _check_settings(source_only_steps: int, init_weights: str | None, max_rounds
                          f"{max_rounds} and {patience}")
 
 
+def _check_batch_sizes(replicas: int, **batch_sizes: int) -> None:
+    """Every replica needs the same share of each global batch."""
+    for name, size in batch_sizes.items():
+        if size % replicas:
+            raise ValueError(f"run_pipeline.{name}: {size} does not split evenly over the "
+                             f"{replicas} replicas of make_strategy; use a multiple of {replicas}")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """Creates ``run_dir`` and writes a probe file in it, so an unusable directory fails before
+    any work (``os.access`` is no test: it says yes to root on a read-only mount)."""
+    probe = os.path.join(run_dir, f".write_test.{os.getpid()}.tmp")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"--run_dir {run_dir} is not a writable directory: "
+                      f"{error.strerror or error}") from error
+
+
+def _load_init_weights(segmenter: keras.Model, init_weights: str) -> None:
+    """``segmenter.load_weights`` with an error that names the file and the network."""
+    try:
+        segmenter.load_weights(init_weights)
+    except ValueError as error:
+        # Keras: a summary line, then the first failing layer's message (with its values).
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[min(1, len(lines) - 1)].split(" Target variable:")[0][:200]
+        raise ValueError(
+            f"run_pipeline.init_weights {init_weights} does not fit the segmenter "
+            f"({segmenter.name}, {segmenter.output_shape[-1]} classes; another architecture, "
+            f"class count or size?): {detail}") from error
+
+
 def _checkpoint_loaded_weights(segmenter: keras.Model, stage_dir: str) -> None:
     """Stores ``init_weights`` as the source-only stage, so every stage has a checkpoint."""
     if not checkpoints.is_stage_done(stage_dir):
@@ -324,6 +365,9 @@ def _export(run_dir: str, segmenter: keras.Model, translator: keras.Model | None
     export_dir = os.path.join(run_dir, "export")
     if checkpoints.is_stage_done(export_dir):
         return
+    # A killed export leaves a temporary folder or a first model's version: start over, so a
+    # resumed run ends with the same version 1 as an uninterrupted one.
+    shutil.rmtree(export_dir, ignore_errors=True)
     checkpoints_dir = os.path.join(run_dir, "checkpoints")
     checkpoints.restore_for_inference(os.path.join(checkpoints_dir, best["segmenter_stage"]),
                                       segmenter=segmenter)
@@ -332,5 +376,5 @@ def _export(run_dir: str, segmenter: keras.Model, translator: keras.Model | None
     else:
         checkpoints.restore_for_inference(os.path.join(checkpoints_dir, best["translator_stage"]),
                                           translator=translator)
-    export_models(segmenter, translator, export_dir)
+    export_models(segmenter, translator, export_dir, version=1)
     checkpoints.mark_stage_done(export_dir)

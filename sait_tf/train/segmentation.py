@@ -19,9 +19,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from sait_tf import images, losses
+from sait_tf import images, labels, losses
 from sait_tf.evaluate import evaluate_segmenter
-from sait_tf.train import checkpoints, step_guard
+from sait_tf.train import checkpoints, distribute, step_guard
 from sait_tf.train.optimizers import (
     GroupedOptimizer,
     discriminator_optimizer,
@@ -69,6 +69,7 @@ def train_segmenter(
     summary_every: int = 50,
     num_grid_images: int = 3,
     strategy: tf.distribute.Strategy | None = None,
+    jit_compile: bool = False,
 ) -> Evaluation | None:
     """Trains ``segmenter`` for ``steps`` updates in ``stage_dir``; resumable, idempotent.
 
@@ -79,6 +80,11 @@ def train_segmenter(
     stage resumes from its newest checkpoint (optimiser state included); a stage with a
     DONE marker only restores the segmenter's weights and returns None. Returns the
     evaluation on ``eval_dataset`` at the last step, or None without one.
+
+    ``strategy`` (default: the current one) runs a replica step per device on its slice of
+    each batch; the batch sizes are global. Models built under ``mixed_float16``
+    (``distribute.set_precision``) train with loss-scaled optimisers. ``jit_compile``
+    compiles the whole step (updates included) with XLA.
     """
     stage = os.path.basename(os.path.normpath(stage_dir))
     if checkpoints.is_stage_done(stage_dir):
@@ -99,6 +105,7 @@ def train_segmenter(
                          "images (target_dataset or target_unlabeled_dataset)")
 
     strategy = strategy or tf.distribute.get_strategy()
+    distribute.check_jit_compile(strategy, jit_compile, "train_segmenter.jit_compile")
     streams = {}
     if source_dataset is not None:
         streams["source"] = source_dataset
@@ -113,6 +120,8 @@ def train_segmenter(
     with strategy.scope():
         seg_variables = segmenter.trainable_variables
         seg_optimizer = optimizer_factory(steps)
+        if distribute.computes_in_float16(segmenter):
+            seg_optimizer = seg_optimizer.with_loss_scaling(seg_variables)
         optimizers = seg_optimizer.checkpoint_items("segmenter_optimizer", seg_variables)
         trackables = {"segmenter": segmenter}
         d_variables, d_optimizer = [], None
@@ -121,6 +130,8 @@ def train_segmenter(
             output_discriminator(tf.zeros([1, 32, 32, num_classes]))
             d_variables = output_discriminator.trainable_variables
             d_optimizer = discriminator_optimizer_factory(steps)
+            if distribute.computes_in_float16(output_discriminator):
+                d_optimizer = d_optimizer.with_loss_scaling(d_variables)
             optimizers.update(d_optimizer.checkpoint_items("output_discriminator_optimizer",
                                                            d_variables))
             trackables["output_discriminator"] = output_discriminator
@@ -128,47 +139,61 @@ def train_segmenter(
     start = ckpt.restore_latest()
 
     def replica_step(batch: dict) -> tuple[dict, tf.Tensor, tf.Tensor]:
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        """Losses in float32, each weighted by this replica's share of its global count."""
+        share = {name: distribute.replica_share(tf.shape(stream["image"])[0])
+                 for name, stream in batch.items()}
+        labelled_share = {name: distribute.replica_share(tf.math.count_nonzero(
+            stream["label"] != labels.IGNORE_INDEX)) for name, stream in batch.items()
+            if "label" in stream}
         terms = {}
         with tf.GradientTape() as tape:
             total = tf.constant(0.0)
+            scaled = tf.constant(0.0)
             probs = {}
             if "source" in batch:
                 logits = segmenter(batch["source"]["image"], training=True)
                 terms["seg"] = losses.segmentation_cross_entropy(logits, batch["source"]["label"])
                 total += lambda_seg * terms["seg"]
+                scaled += lambda_seg * terms["seg"] * labelled_share["source"]
                 probs["source"] = _input_size_softmax(logits, batch["source"]["image"])
             if "target" in batch:
                 logits = segmenter(batch["target"]["image"], training=True)
                 terms["ssl"] = losses.segmentation_cross_entropy(logits, batch["target"]["label"])
                 total += lambda_ssl * terms["ssl"]
+                scaled += lambda_ssl * terms["ssl"] * labelled_share["target"]
                 probs["target"] = _input_size_softmax(logits, batch["target"]["image"])
             if output_discriminator is not None:
+                target_stream = "unlabeled" if "unlabeled" in batch else "target"
                 if "unlabeled" in batch:
                     logits = segmenter(batch["unlabeled"]["image"], training=True)
                     probs["target"] = _input_size_softmax(logits, batch["unlabeled"]["image"])
                 terms["adv"] = losses.binary_cross_entropy_with_logits(
                     output_discriminator(probs["target"], training=True), SOURCE_DOMAIN)
                 total += lambda_adv * terms["adv"]
+                scaled += lambda_adv * terms["adv"] * share[target_stream]
             terms["total"] = total
-            scaled = total / replicas
-        grads = tape.gradient(scaled, seg_variables)
-        seg_applied = step_guard.apply_if_finite(seg_optimizer, grads, seg_variables, scaled)
+            grads_of = distribute.scale_loss(seg_optimizer, scaled)
+        grads = tape.gradient(grads_of, seg_variables)
+        seg_applied = distribute.apply_gradients(seg_optimizer, grads, seg_variables, scaled)
         d_applied = tf.constant(True)
         if output_discriminator is not None:
             with tf.GradientTape() as tape:
                 d_loss = 0.0
-                for domain, label in (("source", SOURCE_DOMAIN), ("target", TARGET_DOMAIN)):
+                d_scaled = 0.0
+                for domain, label, stream in (("source", SOURCE_DOMAIN, "source"),
+                                              ("target", TARGET_DOMAIN, target_stream)):
                     d_logits = output_discriminator(tf.stop_gradient(probs[domain]),
                                                     training=True)
-                    d_loss += 0.5 * losses.binary_cross_entropy_with_logits(d_logits, label)
+                    d_term = 0.5 * losses.binary_cross_entropy_with_logits(d_logits, label)
+                    d_loss += d_term
+                    d_scaled += d_term * share[stream]
                 terms["discriminator"] = d_loss
-                d_scaled = d_loss / replicas
-            d_grads = tape.gradient(d_scaled, d_variables)
-            d_applied = step_guard.apply_if_finite(d_optimizer, d_grads, d_variables, d_scaled)
+                d_grads_of = distribute.scale_loss(d_optimizer, d_scaled)
+            d_grads = tape.gradient(d_grads_of, d_variables)
+            d_applied = distribute.apply_gradients(d_optimizer, d_grads, d_variables, d_scaled)
         return terms, seg_applied, d_applied
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
     def train_step(batch: dict) -> tuple[dict, tf.Tensor, tf.Tensor]:
         terms, seg_applied, d_applied = strategy.run(replica_step, args=(batch,))
         terms = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
@@ -177,8 +202,10 @@ def train_segmenter(
         return terms, first(seg_applied)[0], first(d_applied)[0]
 
     writer = tf.summary.create_file_writer(log_dir)
-    seg_guard = step_guard.NonFiniteCounter(f"{stage}/segmenter")
-    d_guard = step_guard.NonFiniteCounter(f"{stage}/output_discriminator")
+    seg_guard = step_guard.NonFiniteCounter(f"{stage}/segmenter", writer=writer,
+                                            tag="skipped_steps/segmenter")
+    d_guard = step_guard.NonFiniteCounter(f"{stage}/output_discriminator", writer=writer,
+                                          tag="skipped_steps/output_discriminator")
     progress = Progress(stage, steps, start)
     grid_batches = list(eval_dataset.take(num_grid_images)) if eval_dataset is not None else []
     evaluation = None
@@ -213,8 +240,8 @@ def train_segmenter(
 
 
 def _input_size_softmax(logits: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
-    """Class probabilities at the input size: what D_seg sees (as in the peers)."""
-    return tf.nn.softmax(images.resize_logits(logits, tf.shape(image)[1:3]))
+    """Class probabilities at the input size: what D_seg sees (as in the peers); float32."""
+    return tf.nn.softmax(images.resize_logits(tf.cast(logits, tf.float32), tf.shape(image)[1:3]))
 
 
 def _evaluate_and_log(segmenter: keras.Model, eval_dataset: tf.data.Dataset,

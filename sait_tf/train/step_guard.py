@@ -50,13 +50,23 @@ def apply_if_finite(
     return context.merge_call(cross_replica, args=(bad_replicas, list(grads)))
 
 
-@gin.configurable
+@gin.configurable(denylist=["stage", "writer", "tag"])
 class NonFiniteCounter:
-    """Counts skipped steps; raises ``DivergenceError`` after ``max_consecutive`` in a row."""
+    """Counts skipped steps; raises ``DivergenceError`` after ``max_consecutive`` in a row.
 
-    def __init__(self, stage: str, max_consecutive: int = 20) -> None:
+    With a ``writer``, every skipped step also writes the running total as the scalar ``tag``
+    at that step, and the writer is flushed before raising: the count of the steps that
+    stopped the run reaches TensorBoard even though the trainer never gets to its next
+    summary.
+    """
+
+    def __init__(self, stage: str, max_consecutive: int = 20,
+                 writer: tf.summary.SummaryWriter | None = None, tag: str = "skipped_steps"
+                 ) -> None:
         self.stage = stage
         self.max_consecutive = max_consecutive
+        self.writer = writer
+        self.tag = tag
         self.consecutive = 0
         self.total = 0
 
@@ -66,7 +76,12 @@ class NonFiniteCounter:
             return
         self.consecutive += 1
         self.total += 1
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar(self.tag, self.total)
         if self.consecutive >= self.max_consecutive:
+            if self.writer is not None:
+                self.writer.flush()
             raise DivergenceError(
                 f"[{self.stage}] {self.consecutive} consecutive non-finite steps up to step "
                 f"{step}; stopped. The last good checkpoint is kept: lower the learning rate "

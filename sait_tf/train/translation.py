@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from sait_tf import images, losses
-from sait_tf.train import checkpoints, step_guard
+from sait_tf.train import checkpoints, distribute, step_guard
 from sait_tf.train.optimizers import poly_schedule
 from sait_tf.train.progress import Progress
 
@@ -62,24 +62,33 @@ class TranslationStep:
     def _segment(self, x_unit: tf.Tensor) -> tf.Tensor:
         return self.segmenter(images.unit_to_pixels(x_unit), training=False)
 
-    def _discriminator_update(self, real: dict, fake: dict, replicas: int) -> dict:
-        """One D_S + D_T update on real images and stopped-gradient translations (Eq. 3)."""
+    def _discriminator_update(self, real: dict, fake: dict, share: tf.Tensor) -> dict:
+        """One D_S + D_T update on real images and stopped-gradient translations (Eq. 3).
+
+        ``share`` is this replica's fraction of the global batch (``distribute.replica_share``).
+        """
         with tf.GradientTape() as tape:
             loss = tf.add_n([
                 losses.lsgan_discriminator_loss(
                     self.discriminators[domain](real[domain], training=True),
                     self.discriminators[domain](tf.stop_gradient(fake[domain]), training=True))
                 for domain in DOMAINS])
-            scaled = self.weights["gan"] * loss / replicas
+            scaled = self.weights["gan"] * loss * share
+            grads_of = distribute.scale_loss(self.discriminator_optimizer, scaled)
         variables = self.discriminator_variables
-        grads = tape.gradient(scaled, variables)
-        applied = step_guard.apply_if_finite(self.discriminator_optimizer, grads, variables,
+        grads = tape.gradient(grads_of, variables)
+        applied = distribute.apply_gradients(self.discriminator_optimizer, grads, variables,
                                              scaled)
         return {"discriminator": loss, "discriminator_applied": applied}
 
     def replica_step(self, source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
-        """Discriminator update, then translator update; returns the unweighted loss terms."""
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        """Discriminator update, then translator update; returns the unweighted loss terms.
+
+        Losses are float32 (the loss functions cast 16-bit model outputs). Under a
+        tf.distribute strategy each replica weights its losses by its share of the global
+        batch, so the all-reduced update is that of one device on the whole batch.
+        """
+        share = distribute.replica_share(tf.shape(source_pixels)[0])
         tf.debugging.assert_equal(
             tf.shape(source_pixels)[0], tf.shape(target_pixels)[0],
             message="train_translator: source and target batches must have the same size")
@@ -97,7 +106,7 @@ class TranslationStep:
                           for d in DOMAINS}
             with tape.stop_recording():
                 fake = {OTHER[d]: translated[d] for d in DOMAINS}
-                results = self._discriminator_update(x, fake, replicas)
+                results = self._discriminator_update(x, fake, share)
             for d in DOMAINS:
                 other = OTHER[d]
                 seg_translated = None
@@ -117,10 +126,11 @@ class TranslationStep:
                 terms["latent_cycle"].append(losses.l1_loss(z_cycle, z[d]))
             terms = {name: tf.add_n(values) for name, values in terms.items() if values}
             total = tf.add_n([self.weights[name] * value for name, value in terms.items()])
-            scaled = total / replicas
+            scaled = total * share
+            grads_of = distribute.scale_loss(self.generator_optimizer, scaled)
         variables = self.generator_variables
-        grads = tape.gradient(scaled, variables)
-        applied = step_guard.apply_if_finite(self.generator_optimizer, grads, variables, scaled)
+        grads = tape.gradient(grads_of, variables)
+        applied = distribute.apply_gradients(self.generator_optimizer, grads, variables, scaled)
         results.update(terms)
         results.update({"generator": total, "generator_applied": applied})
         return results
@@ -158,9 +168,11 @@ def _check_image_size(pixels: tf.Tensor, multiple: int, param: str) -> None:
 
 
 def _adam(learning_rate: float, steps: int, beta_1: float, beta_2: float, poly_power: float,
-          name: str) -> keras.optimizers.Adam:
-    return keras.optimizers.Adam(poly_schedule(learning_rate, steps, poly_power), beta_1=beta_1,
+          name: str, loss_scaled: bool) -> keras.optimizers.Optimizer:
+    """Adam with poly decay; wrapped in a LossScaleOptimizer for float16 models."""
+    adam = keras.optimizers.Adam(poly_schedule(learning_rate, steps, poly_power), beta_1=beta_1,
                                  beta_2=beta_2, epsilon=1e-8, name=name)
+    return keras.optimizers.LossScaleOptimizer(adam, name=name) if loss_scaled else adam
 
 
 @gin.configurable(denylist=["segmenter", "translator", "discriminators", "source_dataset",
@@ -190,6 +202,7 @@ def train_translator(
     log_images_every: int = 1000,
     num_preview_images: int = 2,
     strategy: tf.distribute.Strategy | None = None,
+    jit_compile: bool = False,
 ) -> keras.Model:
     """Trains ``translator`` (F) for ``steps`` iterations in ``stage_dir``; resumable, idempotent.
 
@@ -201,6 +214,11 @@ def train_translator(
     A new run resumes from the newest checkpoint of ``stage_dir`` (step, weights, optimiser
     state); the data streams restart from their first batch. A stage with a DONE marker
     only restores the translator's weights. Returns ``translator``.
+
+    ``strategy`` (default: the current one) runs a replica step per device on its slice of
+    each batch; the batch sizes are global. Models built under ``mixed_float16``
+    (``distribute.set_precision``) train with loss-scaled optimisers. ``jit_compile``
+    compiles the whole step (updates included) with XLA.
     """
     stage = os.path.basename(os.path.normpath(stage_dir))
     if set(discriminators) != set(DOMAINS):
@@ -218,13 +236,16 @@ def train_translator(
                "sce": sce_weight}
 
     strategy = strategy or tf.distribute.get_strategy()
+    distribute.check_jit_compile(strategy, jit_compile, "train_translator.jit_compile")
     with strategy.scope():
         first_source, first_target = _build(segmenter, translator, discriminators,
                                             source_dataset, target_dataset)
         trainer = TranslationStep(
             segmenter, translator, discriminators,
-            _adam(generator_lr, steps, beta_1, beta_2, poly_power, "translator"),
-            _adam(discriminator_lr, steps, beta_1, beta_2, poly_power, "discriminators"),
+            _adam(generator_lr, steps, beta_1, beta_2, poly_power, "translator",
+                  distribute.computes_in_float16(translator)),
+            _adam(discriminator_lr, steps, beta_1, beta_2, poly_power, "discriminators",
+                  distribute.computes_in_float16(discriminators["source"])),
             weights, use_sce)
         ckpt = checkpoints.StageCheckpoint(
             stage_dir,
@@ -240,7 +261,7 @@ def train_translator(
                                    _images_of(target_dataset, "target_dataset").repeat()))
     iterator = iter(strategy.experimental_distribute_dataset(streams.prefetch(2)))
 
-    @tf.function(autograph=False)
+    @tf.function(autograph=False, jit_compile=jit_compile)
     def train_step(source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
         results = strategy.run(trainer.replica_step, args=(source_pixels, target_pixels))
         first = strategy.experimental_local_results
@@ -252,7 +273,8 @@ def train_translator(
     preview_source = first_source[:num_preview_images]
     preview_target = first_target[:num_preview_images]
     writer = tf.summary.create_file_writer(log_dir)
-    guards = {name: step_guard.NonFiniteCounter(f"{stage}/{name}")
+    guards = {name: step_guard.NonFiniteCounter(f"{stage}/{name}", writer=writer,
+                                                tag=f"skipped_steps/{name}")
               for name in ("translator", "discriminators")}
     optimizers = {"translator": trainer.generator_optimizer,
                   "discriminators": trainer.discriminator_optimizer}

@@ -1,0 +1,239 @@
+"""tf.distribute: one MirroredStrategy step over the 2 logical CPUs of conftest.py equals the
+single-device step on the same global batch, for F and for M; checkpoints cross strategies."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sait_tf import labels
+from sait_tf.models import build_segmenter
+from sait_tf.models.discriminators import OutputDiscriminator
+from sait_tf.models.patch_discriminator import build_patch_discriminator
+from sait_tf.models.translator import SpectralNormalization, build_translator
+from sait_tf.train import checkpoints, distribute, optimizers
+from sait_tf.train.segmentation import train_segmenter
+from sait_tf.train.translation import DOMAINS, TranslationStep
+
+DEVICES = ["/cpu:0", "/cpu:1"]
+HEIGHT, WIDTH = 32, 64
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _skip_grappler():
+    """Grappler's rewrites of the step graphs take longer than these tiny steps; restored."""
+    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
+
+
+@pytest.fixture(scope="module")
+def mirrored() -> tf.distribute.Strategy:
+    return distribute.make_strategy("mirrored", DEVICES)
+
+
+def _replica_copies(variable) -> list[np.ndarray]:
+    return [np.asarray(copy) for copy in variable.value._values]
+
+
+def _assert_same_variables(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def _assert_replicas_agree(variables: list) -> None:
+    for variable in variables:
+        first, *others = _replica_copies(variable)
+        for other in others:
+            np.testing.assert_array_equal(first, other, err_msg=variable.path)
+
+
+def test_make_strategy_kinds(mirrored, monkeypatch):
+    assert distribute.make_strategy() is tf.distribute.get_strategy()
+    assert mirrored.num_replicas_in_sync == 2
+    with pytest.raises(ValueError, match="make_strategy.kind"):
+        distribute.make_strategy("tpu")
+    with pytest.raises(ValueError, match="make_strategy.devices"):
+        distribute.make_strategy("default", DEVICES)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        distribute.make_strategy("multi_worker")
+
+
+def test_tf_config_is_checked_before_the_cluster_starts():
+    cluster = {"worker": ["host1:2222", "host2:2222"]}
+    config = {"cluster": cluster, "task": {"type": "worker", "index": 1}}
+    assert distribute.check_tf_config(json.dumps(config)) == config
+    with pytest.raises(ValueError, match="not valid JSON"):
+        distribute.check_tf_config("{cluster")
+    with pytest.raises(ValueError, match="cluster.worker"):
+        distribute.check_tf_config(json.dumps({"task": {"type": "worker", "index": 0}}))
+    with pytest.raises(ValueError, match="0 <= i < 2"):
+        distribute.check_tf_config(json.dumps({"cluster": cluster,
+                                               "task": {"type": "worker", "index": 2}}))
+
+
+def test_replica_share_is_the_fraction_of_the_global_count(mirrored):
+    assert float(distribute.replica_share(5)) == 1.0
+
+    def share() -> tf.Tensor:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return distribute.replica_share(1 + 2 * replica)  # counts 1 and 3
+
+    shares = mirrored.experimental_local_results(mirrored.run(tf.function(share)))
+    np.testing.assert_allclose([float(s) for s in shares], [0.25, 0.75])
+
+
+def test_spectral_norm_u_follows_the_first_replica(mirrored):
+    with mirrored.scope():
+        layer = SpectralNormalization(keras.layers.Conv2D(2, 3))
+        layer(tf.zeros([1, 4, 4, 3]))
+
+    @tf.function
+    def write_replica_id():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        layer.vector_u.assign(tf.fill([1, 2], tf.cast(replica, tf.float32) + 1.0))
+
+    mirrored.run(write_replica_id)
+    for copy in _replica_copies(layer.vector_u):
+        np.testing.assert_array_equal(copy, [[1.0, 1.0]])
+
+
+def _translation_step(strategy: tf.distribute.Strategy) -> TranslationStep:
+    """Tiny F, D_S, D_T and a stand-in M with the same initial weights in every call; SGD,
+    whose update, unlike Adam's first one, shows a wrongly scaled gradient."""
+    with strategy.scope():
+        keras.utils.set_random_seed(7)
+        inputs = keras.Input((None, None, 3))
+        segmenter = keras.Model(inputs, keras.layers.Conv2D(
+            NUM_CLASSES, 3, strides=2, padding="same")(inputs / 127.5 - 1.0))
+        keras.utils.set_random_seed(1)
+        translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
+                                      num_residual_blocks=1, spade_hidden=4)
+        translator.build()
+        discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=1)
+                          for d in DOMAINS}
+        for discriminator in discriminators.values():
+            discriminator(tf.zeros([1, 16, 16, 3]))
+        weights = dict(reconstruction=10.0, gan=1.0, image_cycle=10.0, latent_cycle=1.0,
+                       sce=10.0)
+        step = TranslationStep(segmenter, translator, discriminators,
+                               keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1), weights,
+                               use_sce=True)
+        step.generator_optimizer.build(step.generator_variables)
+        step.discriminator_optimizer.build(step.discriminator_variables)
+    return step
+
+
+def test_translation_step_mirrored_equals_single_device(mirrored):
+    rng = np.random.default_rng(0)
+    batch = tuple(rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32) for _ in DOMAINS)
+    steps = {}
+    for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
+        step = _translation_step(strategy)
+        inputs = next(iter(strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(batch))))
+        strategy.run(step.replica_step, args=inputs)  # eager: no tracing, faster here
+        steps[name] = step
+
+    def variables(step: TranslationStep) -> list:
+        return step.translator.variables + [
+            v for d in DOMAINS for v in step.discriminators[d].variables]
+
+    untrained = _translation_step(tf.distribute.get_strategy())
+    moved = [not np.allclose(a.numpy(), b.numpy(), rtol=1e-3) for a, b in zip(
+        variables(steps["single"]), variables(untrained), strict=True)]
+    assert np.mean(moved) > 0.9
+    _assert_same_variables(variables(steps["mirrored"]), variables(steps["single"]))
+    _assert_replicas_agree(variables(steps["mirrored"]))
+
+
+def _segmentation_batch(seed: int) -> tf.data.Dataset:
+    """A global batch of 2 whose examples have different numbers of ignored pixels."""
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0, 255, (2, HEIGHT, WIDTH, 3)).astype(np.float32)
+    label = rng.integers(0, NUM_CLASSES, (2, HEIGHT, WIDTH)).astype(np.int32)
+    label[0, : HEIGHT // 2] = labels.IGNORE_INDEX
+    return tf.data.Dataset.from_tensors({"image": image, "label": label})
+
+
+def _segmentation_models(strategy: tf.distribute.Strategy) -> tuple[keras.Model, keras.Model]:
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        segmenter = build_segmenter("deeplabv2", num_classes=NUM_CLASSES, blocks=(1, 1, 1, 1),
+                                    width_multiplier=0.125)
+        keras.utils.set_random_seed(4)
+        discriminator = OutputDiscriminator(width=4)
+    return segmenter, discriminator
+
+
+def _sgd_discriminator(total_steps: int) -> optimizers.GroupedOptimizer:
+    return optimizers.GroupedOptimizer([("all", None, keras.optimizers.SGD(0.1))])
+
+
+def _train_one_step(strategy: tf.distribute.Strategy, stage_dir: str) -> tuple:
+    segmenter, discriminator = _segmentation_models(strategy)
+    train_segmenter(segmenter, stage_dir, stage_dir + "_logs", 1,
+                    source_dataset=_segmentation_batch(1), target_dataset=_segmentation_batch(2),
+                    output_discriminator=discriminator, lambda_adv=0.1,
+                    optimizer_factory=lambda steps: optimizers.deeplabv2_optimizer(
+                        steps, learning_rate=0.01),
+                    discriminator_optimizer_factory=_sgd_discriminator, strategy=strategy)
+    return segmenter, discriminator
+
+
+@pytest.fixture(scope="module")
+def segmentation_runs(mirrored, tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmentation")
+    return {name: (*_train_one_step(strategy, str(root / name)), str(root / name))
+            for name, strategy in (("single", tf.distribute.get_strategy()),
+                                   ("mirrored", mirrored))}
+
+
+def test_segmenter_step_mirrored_equals_single_device(segmentation_runs):
+    single_m, single_d, _ = segmentation_runs["single"]
+    mirrored_m, mirrored_d, _ = segmentation_runs["mirrored"]
+    initial_m, initial_d = _segmentation_models(tf.distribute.get_strategy())
+    initial_d(tf.zeros([1, HEIGHT, WIDTH, NUM_CLASSES]))
+    for trained, initial in ((single_m, initial_m), (single_d, initial_d)):
+        moved = [not np.allclose(a.numpy(), b.numpy(), rtol=1e-3)
+                 for a, b in zip(trained.trainable_variables, initial.trainable_variables,
+                                 strict=True)]
+        assert all(moved)
+    _assert_same_variables(mirrored_m.variables + mirrored_d.variables,
+                           single_m.variables + single_d.variables)
+    _assert_replicas_agree(mirrored_m.variables + mirrored_d.variables)
+
+
+def test_checkpoints_restore_across_strategies(segmentation_runs, mirrored):
+    mirrored_m, _, mirrored_dir = segmentation_runs["mirrored"]
+    restored, _ = _segmentation_models(tf.distribute.get_strategy())
+    checkpoints.restore_for_inference(mirrored_dir, segmenter=restored)
+    _assert_same_variables(restored.variables, mirrored_m.variables)
+
+    single_m, single_d, single_dir = segmentation_runs["single"]
+    segmenter, discriminator = _segmentation_models(mirrored)
+    with mirrored.scope():
+        discriminator(tf.zeros([1, HEIGHT, WIDTH, NUM_CLASSES]))
+        seg_optimizer = optimizers.deeplabv2_optimizer(1)
+        d_optimizer = _sgd_discriminator(1)
+        items = seg_optimizer.checkpoint_items("segmenter_optimizer",
+                                               segmenter.trainable_variables)
+        items.update(d_optimizer.checkpoint_items("output_discriminator_optimizer",
+                                                  discriminator.trainable_variables))
+        ckpt = checkpoints.StageCheckpoint(single_dir, optimizers=items, segmenter=segmenter,
+                                           output_discriminator=discriminator)
+    assert ckpt.restore_latest() == 1
+    _assert_same_variables(segmenter.variables + discriminator.variables,
+                           single_m.variables + single_d.variables)
+    _assert_replicas_agree(segmenter.variables + discriminator.variables)
+    for optimizer in seg_optimizer.optimizers.values():
+        assert [int(copy) for copy in _replica_copies(optimizer.iterations)] == [1, 1]
+        velocities = [v for v in optimizer.variables if "momentum" in v.path]
+        assert velocities and all(np.abs(copy).max() > 0 for v in velocities
+                                  for copy in _replica_copies(v))
