@@ -228,3 +228,30 @@ def test_killed_four_times_ends_like_an_uninterrupted_run(tmp_path):
     assert set(metrics["rounds"][0]) == set(reference_metrics["rounds"][0])
     assert (_without_translator_export(_artifacts(run_dir))
             == _without_translator_export(_artifacts(reference_dir)))
+
+
+def test_a_save_killed_halfway_leaves_nothing_behind(tmp_path):
+    """TensorFlow's temporaries of a killed save are removed; the last complete one restores."""
+    import keras
+
+    from sait_tf.train import checkpoints
+
+    stage_dir = str(tmp_path / "stage")
+    model = keras.Sequential([keras.layers.Dense(2)])
+    model.build((None, 3))
+    checkpoints.StageCheckpoint(stage_dir, model=model).save(2)
+    saved = [w.copy() for w in model.get_weights()]
+    # What a kill during the save of step 4 leaves: shards and a state file, both temporary.
+    os.makedirs(os.path.join(stage_dir, "ckpt-4_temp"))
+    with open(os.path.join(stage_dir, "ckpt-4_temp", "part-00000-of-00001.index"), "wb") as f:
+        f.write(b"\x00" * 7)
+    with open(os.path.join(stage_dir, "checkpoint.tmp0123abcd"), "w") as f:
+        f.write('model_checkpoint_path: "ckpt-4"\n')
+    model.set_weights([w + 1 for w in saved])
+
+    resumed = checkpoints.StageCheckpoint(stage_dir, model=model)
+    assert sorted(os.listdir(stage_dir)) == ["checkpoint", "ckpt-2.data-00000-of-00001",
+                                             "ckpt-2.index"]
+    assert resumed.restore_latest() == 2
+    for now, expected in zip(model.get_weights(), saved, strict=True):
+        np.testing.assert_array_equal(now, expected)

@@ -20,6 +20,7 @@ import re
 import struct
 from collections.abc import Sequence
 
+import gin
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -171,8 +172,9 @@ def _decode(example: readers.Example, header: _Header, check_values: bool,
         if unknown:
             shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
             raise DatasetError(f"{example.label}: values [{shown}] are not "
-                               f"{example.label_format} label values (check_values=False "
-                               "skips this check)")
+                               f"{example.label_format} label values (the binding "
+                               "scan_examples.check_values = False maps them to ignore "
+                               "instead)")
 
 
 def _sample(count: int, max_decode: int | None) -> list[int]:
@@ -184,6 +186,7 @@ def _sample(count: int, max_decode: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()}) if limit else []
 
 
+@gin.configurable(denylist=["examples"])
 def scan_examples(examples: Sequence[readers.Example], *, check_values: bool = True,
                   max_decode: int | None = None,
                   on_size_mismatch: str = "error") -> ScanReport:

@@ -34,12 +34,18 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
     update after training. Here inference convolves with the kernel the next training call
     would use (stored kernel over sigma from the stored ``vector_u``) and changes no
     variable, like PyTorch's ``spectral_norm`` in eval mode.
+
+    Under a mixed precision policy the normalisation runs in float32 (no autocasting inside
+    the networks that hold it): the kernel written back is the float32 master weight, not a
+    16-bit rounding that would swallow the optimiser's small updates; the convolution
+    computes in 16 bits.
     """
 
     def __init__(self, layer: keras.layers.Conv2D, **kwargs) -> None:
         if not isinstance(layer, keras.layers.Conv2D) or layer.activation not in (
                 None, keras.activations.linear):
             raise ValueError("SpectralNormalization here wraps a Conv2D without activation")
+        kwargs.setdefault("autocast", False)
         super().__init__(layer, **kwargs)
 
     def build(self, input_shape) -> None:
@@ -56,7 +62,7 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
         self.vector_u = self.add_weight(
             shape=(1, self.kernel_shape[-1]),
             initializer=keras.initializers.TruncatedNormal(stddev=0.02), trainable=False,
-            name="vector_u", dtype=self.kernel.dtype, aggregation="only_first_replica")
+            name="vector_u", dtype=self.layer.variable_dtype, aggregation="only_first_replica")
 
     def normalized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
         """``(vector_u after the power iterations, kernel / sigma)``; changes no variable."""
@@ -77,9 +83,11 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
             self.vector_u.assign(vector_u)
             self.kernel.assign(kernel)
             return self.layer(inputs)
-        outputs = self.layer.convolution_op(inputs, kernel)
+        compute_dtype = self.layer.compute_dtype
+        outputs = self.layer.convolution_op(tf.cast(inputs, compute_dtype),
+                                            tf.cast(kernel, compute_dtype))
         if self.layer.use_bias:
-            outputs = outputs + self.layer.bias
+            outputs = outputs + tf.cast(self.layer.bias, compute_dtype)
         return outputs
 
 

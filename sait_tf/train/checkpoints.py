@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import keras
 import tensorflow as tf
@@ -34,6 +36,16 @@ def _checkpointable(name: str, obj):
     if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer)):
         return _VariableList(name, obj)
     return obj
+
+
+def _remove_killed_saves(directory: str) -> None:
+    """Deletes what a save killed halfway leaves behind and nothing reads: TensorFlow's
+    ``checkpoint.tmp<hex>`` state file and ``ckpt-N_temp`` shard folders."""
+    pattern = os.path.join(glob.escape(directory), "{}")
+    for path in glob.glob(pattern.format("checkpoint.tmp*")):
+        os.remove(path)
+    for path in glob.glob(pattern.format("ckpt-*_temp")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _variable_lists(name: str, obj) -> list[tuple[str, _VariableList]]:
@@ -98,6 +110,7 @@ class StageCheckpoint:
         self.objects = objects
         self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
         self.directory = directory
+        _remove_killed_saves(directory)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
 
     def restore_latest(self) -> int:

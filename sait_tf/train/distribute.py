@@ -134,7 +134,8 @@ def apply_gradients(optimizer, grads: Sequence[tf.Tensor], variables: Sequence[t
                     loss: tf.Tensor) -> tf.Tensor:
     """``step_guard.apply_if_finite``, plus dynamic loss scaling when ``optimizer`` has it.
 
-    ``grads`` are of ``scale_loss(optimizer, loss)``. When they are all finite, the
+    ``grads`` are of ``scale_loss(optimizer, loss)``; loss-scale optimisers must be built
+    (``StageCheckpoint`` builds the trainers' optimisers). When all are finite, the
     loss-scale optimisers unscale them, update and count the step (the scale doubles after
     ``dynamic_growth_steps`` such steps). When the guard skips the step, it never reaches
     them, so their scale is halved here (as they would do): an overflowing float16 scale

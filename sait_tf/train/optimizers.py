@@ -81,11 +81,13 @@ class GroupedOptimizer:
         stay unwrapped.
         """
         parts = self.partition(variables)
-        return GroupedOptimizer(
-            [(name, None if regex is None else regex.pattern,
-              keras.optimizers.LossScaleOptimizer(opt, name=name) if parts[name] else opt)
-             for name, regex, opt in self._groups],
-            weight_decay=self.weight_decay)
+        groups = []
+        for name, regex, opt in self._groups:
+            if parts[name]:
+                opt = keras.optimizers.LossScaleOptimizer(opt, name=name)
+                opt.build(parts[name])  # its scale exists before the first update
+            groups.append((name, None if regex is None else regex.pattern, opt))
+        return GroupedOptimizer(groups, weight_decay=self.weight_decay)
 
     def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable]) -> None:
         """Applies each group's gradients with its own optimiser (and learning rate).

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import gin
 import keras
@@ -202,12 +202,19 @@ def run_pipeline(
     state = RunState(run_dir)
     metrics = state.metrics
 
+    def timed(stage: str, work: Callable[..., Any], *args, **kwargs) -> Any:
+        """``state.timed``; a file that tf.data fails to decode mid-stage gets named."""
+        try:
+            return state.timed(stage, work, *args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            _name_undecodable_file(error, source_examples, target_train, target_val)
+
     def stage_dirs(stage: str) -> tuple[str, str]:
         return (os.path.join(run_dir, "checkpoints", stage),
                 os.path.join(run_dir, "logs", stage))
 
     def train_stage(model: keras.Model, stage: str, steps: int, **datasets) -> dict | None:
-        result = state.timed(stage, train_segmenter, model, *stage_dirs(stage), steps,
+        result = timed(stage, train_segmenter, model, *stage_dirs(stage), steps,
                              eval_dataset=val_data, num_classes_reported=num_classes_reported,
                              strategy=strategy, **datasets)
         config_writer.write()
@@ -250,17 +257,17 @@ def run_pipeline(
     for round_index in range(1, max_rounds + 1):
         name = round_name(round_index)
         translator_stage, segmenter_stage = f"{name}_translator", f"{name}_segmenter"
-        state.timed(
+        timed(
             translator_stage, train_translator, segmenter, translator, discriminators,
             train_data(source_examples, source_resize, translator_crop, translator_batch_size, 2),
             train_data(target_train, target_resize, translator_crop, translator_batch_size, 3),
             *stage_dirs(translator_stage), translator_steps, strategy=strategy)
         translated_dir = os.path.join(run_dir, "translated", name)
-        state.timed(f"{name}_translate", translate_dataset,
+        timed(f"{name}_translate", translate_dataset,
                     make_translate_fn(segmenter, translator), source_examples, translated_dir,
                     resize=source_resize)
         pseudo_label_dir = os.path.join(run_dir, "pseudo_labels", name)
-        state.timed(f"{name}_pseudo_labels", generate_pseudo_labels, segmenter, target_train,
+        timed(f"{name}_pseudo_labels", generate_pseudo_labels, segmenter, target_train,
                     pseudo_label_dir, resize=target_resize)
         translated = readers.list_examples("gta5", translated_dir)
         pseudo_labelled = readers.list_examples(target_dataset, target_root, "train",
@@ -295,7 +302,7 @@ def run_pipeline(
                           {"segmenter_stage": best["segmenter_stage"],
                            "translator_stage": best["translator_stage"]})
     if export:
-        state.timed("export", _export, run_dir, segmenter, translator, best)
+        timed("export", _export, run_dir, segmenter, translator, best)
     config_writer.write()
     logging.info("done in %.0f s: final target-val mIoU%d %.2f (%s); metrics in %s",
                  time.monotonic() - started, best["num_classes"], best["mIoU"],
@@ -322,6 +329,21 @@ def _check_batch_sizes(replicas: int, **batch_sizes: int) -> None:
         if size % replicas:
             raise ValueError(f"run_pipeline.{name}: {size} does not split evenly over the "
                              f"{replicas} replicas of make_strategy; use a multiple of {replicas}")
+
+
+def _name_undecodable_file(error: tf.errors.InvalidArgumentError,
+                           *example_lists: Sequence[readers.Example]) -> NoReturn:
+    """Raises the scan's error naming the file behind ``error``, else ``error`` itself.
+
+    The start-up scan reads every header but decodes only a sample, and tf.data's decode
+    errors name no file ("Invalid PNG data, size 1147"). Decoding everything once, when a
+    stage has already stopped on such an error, finds the file to replace before resuming.
+    """
+    logging.error("stopped on %s; decoding every example to name the file",
+                  " ".join(str(error.message).split())[:200])
+    for examples in example_lists:
+        scan.scan_examples(examples, max_decode=len(examples))
+    raise error
 
 
 def _check_run_dir(run_dir: str) -> None:
