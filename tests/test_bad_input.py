@@ -28,7 +28,7 @@ from sait_tf.data.synthetic import generate_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (16, 32)
-TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}  # demo.gin's M
+TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 # A failing start-up imports TensorFlow and reads a few file headers: about 5-10 s of CPU
 # (user + system) here. CPU time, unlike wall time, hardly depends on the machine's load.
 MAX_CPU_SECONDS = 30.0
@@ -65,6 +65,8 @@ run_pipeline.source_only_steps = 1
 run_pipeline.oracle_steps = 0
 run_pipeline.max_rounds = 0
 run_pipeline.export = False
+build_segmenter.blocks = {TINY_DEEPLAB["blocks"]}
+build_segmenter.width_multiplier = {TINY_DEEPLAB["width_multiplier"]}
 {extra}""")
     return path
 
@@ -179,7 +181,7 @@ def _gin_parameter_typo(case_dir, pair):
 
 
 def _gin_configurable_typo_in_a_file(case_dir, pair):
-    return _train(case_dir, pair, ("run_pipelin", "tiny.gin", "line 10"),
+    return _train(case_dir, pair, ("run_pipelin", "tiny.gin", "line 12"),
                   extra_config="run_pipelin.max_rounds = 0\n")
 
 

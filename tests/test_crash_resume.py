@@ -28,9 +28,9 @@ from sait_tf.data.synthetic import generate_pair
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 8, 4, 4
 SIZE = (32, 64)
-# The source set is translated at 4x the generated size, so that translating it lasts long
+# The source set is translated at 8x the generated size, so that translating it lasts long
 # enough to be killed halfway; M and F train on crops of the generated size.
-TRANSLATED_SIZE = (128, 256)
+TRANSLATED_SIZE = (256, 512)
 STEPS = 6  # F and M; a checkpoint every 2 steps
 STAGES = ("source_only", "round_01_translator", "round_01_segmenter")
 WALL_TIME_KEYS = {*STAGES, "round_01_translate", "round_01_pseudo_labels", "export"}
