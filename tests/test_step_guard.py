@@ -9,8 +9,11 @@ from sait_tf.train.step_guard import DivergenceError, NonFiniteCounter, apply_if
 
 
 def _two_cpu_strategy():
-    # tests/conftest.py splits the CPU into two logical devices.
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # tests/conftest.py splits the CPU into two logical devices. Reducing through one device
+    # keeps this test independent of the collective-op keys earlier strategies in the same
+    # process have used.
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 @pytest.mark.parametrize("distributed", [False, True])

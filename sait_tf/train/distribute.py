@@ -42,7 +42,12 @@ def make_strategy(kind: str = "default",
                              "set make_strategy.kind='mirrored' to use several")
         return tf.distribute.get_strategy()
     if kind == "mirrored":
-        return tf.distribute.MirroredStrategy(list(devices) if devices else None)
+        devices = list(devices) if devices else None
+        # Across CPU devices, reduce through one device: collective all-reduce there depends
+        # on collective keys other strategies of the process have used.
+        cpu_only = bool(devices) and all("cpu" in device.lower() for device in devices)
+        return tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice() if cpu_only else None)
     if devices:
         raise ValueError("make_strategy.devices: multi_worker uses every local GPU; restrict "
                          "them with CUDA_VISIBLE_DEVICES instead")
