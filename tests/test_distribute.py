@@ -1,5 +1,6 @@
 """tf.distribute: one MirroredStrategy step over the 2 logical CPUs of conftest.py equals the
-single-device step on the same global batch, for F and for M; checkpoints cross strategies."""
+single-device step on the same global batch, for F and for M; checkpoints cross strategies;
+float16 loss scales stay equal on the replicas."""
 
 import json
 
@@ -237,3 +238,33 @@ def test_checkpoints_restore_across_strategies(segmentation_runs, mirrored):
         velocities = [v for v in optimizer.variables if "momentum" in v.path]
         assert velocities and all(np.abs(copy).max() > 0 for v in velocities
                                   for copy in _replica_copies(v))
+
+
+def test_float16_loss_scales_stay_equal_on_every_replica(mirrored, tmp_path, monkeypatch):
+    """Tiny DeepLabV2 in mixed_float16 under MirroredStrategy: the first steps overflow at the
+    initial scale 2^15 and are skipped on both replicas together, which halve their scale."""
+    previous = keras.mixed_precision.global_policy()
+    distribute.set_precision("mixed_float16")
+    try:
+        segmenter, discriminator = _segmentation_models(mirrored)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    grouped = []
+    with_loss_scaling = optimizers.GroupedOptimizer.with_loss_scaling
+
+    def keep(self, variables):
+        grouped.append(with_loss_scaling(self, variables))
+        return grouped[-1]
+
+    monkeypatch.setattr(optimizers.GroupedOptimizer, "with_loss_scaling", keep)
+    train_segmenter(segmenter, str(tmp_path / "stage"), str(tmp_path / "logs"), 6,
+                    source_dataset=_segmentation_batch(1), target_dataset=_segmentation_batch(2),
+                    output_discriminator=discriminator, lambda_adv=0.1,
+                    optimizer_factory=optimizers.adam_optimizer, strategy=mirrored)
+    segmenter_optimizer = grouped[0].optimizers["all"]
+    scales = _replica_copies(segmenter_optimizer.dynamic_scale)
+    updates = _replica_copies(segmenter_optimizer.iterations)
+    assert scales[0] == scales[1] < 2.0**15
+    assert updates[0] == updates[1] == 6 - round(np.log2(2.0**15 / scales[0]))
+    _assert_replicas_agree(segmenter.variables + discriminator.variables)
+    assert all(np.isfinite(v.numpy()).all() for v in segmenter.variables)
