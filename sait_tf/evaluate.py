@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from sait_tf import images, labels
+from sait_tf.cli import parse_size
 from sait_tf.data import readers, scan
 from sait_tf.metrics import ConfusionMatrix, confusion_counts
 from sait_tf.models import build_segmenter
@@ -117,23 +118,15 @@ def _num_batches(dataset: Iterable[dict]) -> int | None:
     return len(dataset) if isinstance(dataset, Sequence) else None
 
 
-def _write_png(path: str, array: np.ndarray) -> None:
-    """Writes ``array`` as a PNG under a temporary name, then renames it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _write_predictions(names: Sequence[str], train_ids: np.ndarray, colorized_dir: str | None,
                        prediction_dir: str | None) -> None:
     for name, prediction in zip(names, train_ids, strict=True):
         if prediction_dir:
             label_ids = labels.TRAIN_ID_TO_LABEL_ID_TABLE[prediction.astype(np.uint8)]
-            _write_png(os.path.join(prediction_dir, f"{name}.png"), label_ids)
+            images.write_png(os.path.join(prediction_dir, f"{name}.png"), label_ids)
         if colorized_dir:
             colours = images.colorize(prediction).numpy()
-            _write_png(os.path.join(colorized_dir, f"{name}.png"), colours)
+            images.write_png(os.path.join(colorized_dir, f"{name}.png"), colours)
 
 
 def _prediction_index(pred_dir: str) -> tuple[list[str], list[str]]:
@@ -283,18 +276,6 @@ def write_json(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def _parse_input_size(values: list[str] | None) -> tuple[int, int] | None:
-    if not values:
-        return None
-    try:
-        size = tuple(int(v) for v in values)
-    except ValueError as error:
-        raise app.UsageError(f"--input_size must be HEIGHT,WIDTH, got {values}") from error
-    if len(size) != 2 or min(size) < 1:
-        raise app.UsageError(f"--input_size must be HEIGHT,WIDTH of positive ints, got {values}")
-    return size
-
-
 def check_flags(values: flags.FlagValues) -> None:
     """Flag problems, raised before any data is read."""
     modes = [name for name in ("pred_dir", "checkpoint", "saved_model") if values[name].value]
@@ -320,7 +301,7 @@ def check_flags(values: flags.FlagValues) -> None:
 def run(values: flags.FlagValues) -> dict:
     """The program on parsed flags: evaluates, writes ``--output`` and returns the result."""
     check_flags(values)
-    input_size = _parse_input_size(values.input_size)
+    input_size = parse_size(values.input_size, "input_size")
     examples = readers.list_examples(values.dataset, values.root, split=values.split,
                                      list_file=values.list)
     if values.pred_dir:

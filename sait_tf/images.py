@@ -7,8 +7,11 @@ in RGB [-1, 1]; labels are int32 trainIds with ``IGNORE_INDEX`` for ignored pixe
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from sait_tf import labels
 
@@ -46,3 +49,15 @@ def colorize(train_ids: tf.Tensor) -> tf.Tensor:
 def resize_logits(logits: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
     """Bilinear upsampling of NHWC logits to ``size`` (H, W), as before the loss and argmax."""
     return tf.image.resize(logits, size, method="bilinear")
+
+
+def write_png(path: str, image: np.ndarray | Image.Image) -> None:
+    """Writes a PNG under a hidden temporary name in the same folder, then renames it over
+    ``path``, so a killed process never leaves a half-written file that looks complete."""
+    folder, file_name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{file_name}.tmp")
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from sait_tf import images, labels
+from sait_tf.cli import parse_size
 from sait_tf.data import readers
 from sait_tf.models import build_segmenter
 from sait_tf.models.translator import build_translator
@@ -46,22 +47,13 @@ def is_translated(out_root: str, name: str) -> bool:
     return all(os.path.isfile(path) for path in output_paths(out_root, name))
 
 
-def _save_atomically(image: Image.Image, path: str) -> None:
-    """PNG under a hidden temporary name in the same folder, then renamed over ``path``."""
-    folder, file_name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{file_name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def write_example(out_root: str, name: str, pixels: np.ndarray, train_ids: np.ndarray) -> None:
     """Writes uint8 RGB ``pixels`` [H, W, 3] and trainIds [H, W] (label second)."""
     image_path, label_path = output_paths(out_root, name)
-    _save_atomically(Image.fromarray(pixels), image_path)
+    images.write_png(image_path, pixels)
     label = Image.fromarray(labels.TRAIN_ID_TO_LABEL_ID_TABLE[train_ids])
     label.putpalette(_LABEL_PALETTE)
-    _save_atomically(label, label_path)
+    images.write_png(label_path, label)
 
 
 def translate_dataset(translate_fn: TranslateFn, examples: Sequence[readers.Example],
@@ -183,18 +175,6 @@ def _run_source_resize() -> tuple[int, int] | None:
     return tuple(value) if value is not None else None
 
 
-def _parse_resize(values: list[str] | None) -> tuple[int, int] | None:
-    if not values:
-        return _run_source_resize()
-    try:
-        size = tuple(int(v) for v in values)
-    except ValueError as error:
-        raise app.UsageError(f"--resize must be HEIGHT,WIDTH, got {values}") from error
-    if len(size) != 2 or min(size) < 1:
-        raise app.UsageError(f"--resize must be HEIGHT,WIDTH of positive ints, got {values}")
-    return size
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -205,7 +185,7 @@ def main(argv: list[str]) -> None:
                                      labels_from=None)
     out = values.out or os.path.join(values.run_dir, "translated", f"round_{values.round:02d}")
     load_run_config(values.run_dir)
-    resize = _parse_resize(values.resize)
+    resize = parse_size(values.resize, "resize") or _run_source_resize()
     segmenter, translator = restore_models(values.run_dir, values.round)
     logging.info("translating %d %s examples at %s into %s", len(examples),
                  values.source_dataset, resize or "their own size", out)

@@ -13,8 +13,9 @@ from PIL import Image
 from sait_tf import labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter")
-NUM_SOURCE, NUM_TARGET_TRAIN = 4, 2
+STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter",
+          "round_02_translator", "round_02_segmenter")
+NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 4, 2, 2
 
 
 def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def test_bad_binding_exits_at_once_with_gins_message(tmp_path):
 
 
 def _tiny_config(tmp_path) -> str:
-    """demo.gin with a 4 + 2 + 2 image pair at 32x64, tiny networks, a few steps, one round."""
+    """demo.gin with a 4 + 2 + 2 image pair at 32x64, tiny networks, a few steps, two rounds."""
     pair = tmp_path / "pair"
     path = tmp_path / "tiny.gin"
     path.write_text(f"""
@@ -45,13 +46,14 @@ TARGET_ROOT = '{pair}/target'
 run_pipeline.synthetic_pair_root = '{pair}'
 ensure_synthetic_pair.num_source = {NUM_SOURCE}
 ensure_synthetic_pair.num_target_train = {NUM_TARGET_TRAIN}
-ensure_synthetic_pair.num_target_val = 2
+ensure_synthetic_pair.num_target_val = {NUM_TARGET_VAL}
 ensure_synthetic_pair.size = (32, 64)
 run_pipeline.batch_size = 2
 run_pipeline.translator_batch_size = 1
 run_pipeline.source_only_steps = 3
 run_pipeline.oracle_steps = 2
-run_pipeline.max_rounds = 1
+run_pipeline.max_rounds = 2
+run_pipeline.patience = 2
 run_pipeline.translator_steps = 2
 run_pipeline.segmenter_steps = 3
 run_pipeline.output_discriminator_width = 4
@@ -78,20 +80,36 @@ def _check_metrics(run_dir) -> dict:
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
     assert set(metrics) == {"source_only", "oracle", "rounds", "final", "wall_time_s"}
-    assert [r["round"] for r in metrics["rounds"]] == [1]
-    for evaluation in (metrics["oracle"], metrics["rounds"][0]):
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for evaluation in (metrics["oracle"], *metrics["rounds"]):
         ious = list(evaluation["per_class_iou"].values())
         assert list(evaluation["per_class_iou"]) == list(labels.CLASS_NAMES)
         assert math.isclose(evaluation["mIoU"], np.nanmean(ious), rel_tol=1e-9)
-    candidates = [metrics["source_only"]["mIoU"], metrics["rounds"][0]["mIoU"]]
+    candidates = [metrics["source_only"]["mIoU"]] + [r["mIoU"] for r in metrics["rounds"]]
     assert metrics["final"]["mIoU"] == max(candidates)
-    expected = ("source_only", None) if candidates[0] >= candidates[1] else (
-        "round_01_segmenter", "round_01_translator")
+    best_round = candidates.index(max(candidates))  # the first of equal values is kept
+    expected = ("source_only", None) if best_round == 0 else (
+        f"round_0{best_round}_segmenter", f"round_0{best_round}_translator")
     with open(os.path.join(run_dir, "final.json")) as f:
         assert json.load(f) == {"segmenter_stage": expected[0], "translator_stage": expected[1]}
     assert set(metrics["wall_time_s"]) >= {*STAGES, "round_01_translate",
-                                           "round_01_pseudo_labels", "export"}
+                                           "round_02_pseudo_labels", "export"}
     return metrics
+
+
+def _check_overview(run_dir, pair) -> None:
+    """overview.png: one row per val image, five 192-pixel-high cells; the last is the truth."""
+    overview = np.asarray(Image.open(os.path.join(run_dir, "overview.png")))
+    cell_h, cell_w, gap = 192, 384, 2  # the 32x64 pair enlarged 6 times
+    assert overview.shape == (NUM_TARGET_VAL * (cell_h + gap) - gap, 5 * (cell_w + gap) - gap, 3)
+    truths = sorted(glob.glob(os.path.join(pair, "target", "gtFine", "val", "*", "*.png")))
+    for row, truth_path in enumerate(truths):
+        train_ids = labels.LABEL_ID_TO_TRAIN_ID[np.asarray(Image.open(truth_path))]
+        colours = np.zeros((256, 3), np.uint8)
+        colours[:labels.NUM_CLASSES] = labels.PALETTE
+        expected = colours[train_ids].repeat(6, axis=0).repeat(6, axis=1)
+        top, left = row * (cell_h + gap), 4 * (cell_w + gap)
+        np.testing.assert_array_equal(overview[top:top + cell_h, left:left + cell_w], expected)
 
 
 def test_end_to_end_run_then_resume_after_a_kill(tmp_path):
@@ -117,26 +135,35 @@ def test_end_to_end_run_then_resume_after_a_kill(tmp_path):
     assert set(values.tolist()) <= set(range(labels.NUM_CLASSES)) | {labels.IGNORE_INDEX}
     assert glob.glob(os.path.join(run_dir, "export", "sait_segmenter", "1", "saved_model.pb"))
     metrics = _check_metrics(run_dir)
+    _check_overview(run_dir, tmp_path / "pair")
 
-    # A kill during round 1's segmenter stage: its checkpoints, the round's metrics, final.json
-    # and the export are missing. The source-only mIoU gets a sentinel: it must be kept.
+    # A kill during round 2's segmenter stage: its checkpoints, the round's metrics, final.json,
+    # the export and the overview are missing. Round 1's mIoU gets a sentinel: it must be kept.
     finished = _mtimes(run_dir, "checkpoints/source_only", "checkpoints/oracle",
-                       "checkpoints/round_01_translator", "translated", "pseudo_labels")
-    for path in glob.glob(os.path.join(run_dir, "checkpoints", "round_01_segmenter", "*")):
+                       "checkpoints/round_01_translator", "checkpoints/round_01_segmenter",
+                       "checkpoints/round_02_translator", "translated", "pseudo_labels")
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "round_02_segmenter", "*")):
         os.remove(path)
-    for path in ("final.json", "export/DONE"):
+    for path in ("final.json", "export/DONE", "overview.png"):
         os.remove(os.path.join(run_dir, path))
-    metrics["source_only"]["mIoU"] = 12.345
-    del metrics["final"], metrics["rounds"][0]
+    round_1 = metrics["rounds"][0]
+    round_1["mIoU"] = 12.345
+    round_1["per_class_iou"] = {name: iou if math.isnan(iou) else 12.345
+                                for name, iou in round_1["per_class_iou"].items()}
+    del metrics["final"], metrics["rounds"][1]
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f)
 
     result = _train(tmp_path, *command)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[round_01_segmenter] step 3/3" in result.stderr
-    assert "[source_only] step" not in result.stderr
+    assert "[round_02_segmenter] step 3/3" in result.stderr
+    for stage in ("source_only", "oracle", "round_01_translator", "round_01_segmenter",
+                  "round_02_translator"):
+        assert f"[{stage}] step" not in result.stderr
     assert _mtimes(run_dir, "checkpoints/source_only", "checkpoints/oracle",
-                   "checkpoints/round_01_translator", "translated", "pseudo_labels") == finished
+                   "checkpoints/round_01_translator", "checkpoints/round_01_segmenter",
+                   "checkpoints/round_02_translator", "translated", "pseudo_labels") == finished
     resumed = _check_metrics(run_dir)
-    assert resumed["source_only"]["mIoU"] == 12.345
-    assert os.path.exists(os.path.join(run_dir, "checkpoints", "round_01_segmenter", "DONE"))
+    assert resumed["rounds"][0]["mIoU"] == 12.345
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "round_02_segmenter", "DONE"))
+    _check_overview(run_dir, tmp_path / "pair")

@@ -21,6 +21,7 @@ from absl import app, flags
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from sait_tf import images
 from sait_tf.export import ENCODED_SIGNATURE, SEGMENTER_NAME
 from sait_tf.serving.server import DEFAULT_SIGNATURE, GRPC_MESSAGE_OPTIONS
 from sait_tf.train.progress import Progress
@@ -68,14 +69,6 @@ def image_output(outputs: dict[str, np.ndarray]) -> np.ndarray:
     return outputs[candidates[0]]
 
 
-def _write_png(array: np.ndarray, path: str) -> None:
-    """Writes a PNG under a temporary name and renames it, so readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def process_image(
     stub: prediction_service_pb2_grpc.PredictionServiceStub,
     model: str,
@@ -99,11 +92,11 @@ def process_image(
         signature = DEFAULT_SIGNATURE
     outputs = predict(stub, model, inputs, signature, timeout_s)
     if out_path:
-        _write_png(image_output(outputs)[0], out_path)
+        images.write_png(out_path, image_output(outputs)[0])
     if labels_path:
         if "labels" not in outputs:
             raise ValueError(f"--labels_out: model '{model}' returns no labels")
-        _write_png(outputs["labels"][0].astype(np.uint8), labels_path)
+        images.write_png(labels_path, outputs["labels"][0].astype(np.uint8))
     return outputs
 
 

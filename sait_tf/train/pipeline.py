@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from sait_tf import labels
+from sait_tf import images, labels
 from sait_tf.data import readers, scan, synthetic
 from sait_tf.evaluate import evaluate_segmenter, evaluation_dataset
 from sait_tf.export import export_models
@@ -40,12 +40,14 @@ from sait_tf.train.pseudo_labels import generate_pseudo_labels
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import train_translator
 from sait_tf.translate import make_translate_fn, translate_dataset
+from sait_tf.visualize import overview_grid
 
 SOURCE_ONLY = "source_only"
 ORACLE = "oracle"
 METRICS_FILE = "metrics.json"
 FINAL_FILE = "final.json"
 CONFIG_FILE = "config.gin"
+OVERVIEW_FILE = "overview.png"
 
 
 def round_name(round_index: int) -> str:
@@ -303,6 +305,7 @@ def run_pipeline(
                            "translator_stage": best["translator_stage"]})
     if export:
         timed("export", _export, run_dir, segmenter, translator, best)
+    _write_overview(run_dir, segmenter, best, len(metrics["rounds"]), source_examples, val_data)
     config_writer.write()
     logging.info("done in %.0f s: final target-val mIoU%d %.2f (%s); metrics in %s",
                  time.monotonic() - started, best["num_classes"], best["mIoU"],
@@ -400,3 +403,23 @@ def _export(run_dir: str, segmenter: keras.Model, translator: keras.Model | None
                                           translator=translator)
     export_models(segmenter, translator, export_dir, version=1)
     checkpoints.mark_stage_done(export_dir)
+
+
+def _write_overview(run_dir: str, segmenter: keras.Model, best: dict, rounds_run: int,
+                    source_examples: Sequence[readers.Example],
+                    val_data: tf.data.Dataset) -> None:
+    """RUN_DIR/overview.png: source, translation, target-val image, final prediction, truth.
+
+    The translations are those of the final round, or of the last round run when the
+    source-only model stayed best.
+    """
+    path = os.path.join(run_dir, OVERVIEW_FILE)
+    if os.path.isfile(path):
+        return
+    checkpoints.restore_for_inference(
+        os.path.join(run_dir, "checkpoints", best["segmenter_stage"]), segmenter=segmenter)
+    shown_round = best["round"] or rounds_run
+    translated_dir = (os.path.join(run_dir, "translated", round_name(shown_round))
+                      if shown_round else None)
+    images.write_png(path, overview_grid(segmenter, source_examples, translated_dir, val_data))
+    logging.info("overview picture: %s", path)

@@ -23,7 +23,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from PIL import Image
 
 from sait_tf import images, labels
 from sait_tf.data import readers
@@ -72,13 +71,6 @@ def class_median_thresholds(histogram: np.ndarray, th_ssl: float) -> np.ndarray:
             median_bin = int(np.searchsorted(np.cumsum(counts), total // 2 + 1))
             thresholds[cls] = min(median_bin / HISTOGRAM_BINS, th_ssl)
     return thresholds
-
-
-def _write_png_atomically(path: str, label: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(label, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _predictions(segmenter: keras.Model, examples: Sequence[readers.Example],
@@ -143,7 +135,7 @@ def generate_pseudo_labels(
     for name, confidence, prediction in (
             _predictions(segmenter, todo, resize, batch_size, "pseudo_labels") if todo else ()):
         label = apply_thresholds(confidence, prediction, thresholds)
-        _write_png_atomically(os.path.join(out_dir, f"{name}.png"), label)
+        images.write_png(os.path.join(out_dir, f"{name}.png"), label)
         kept += int(np.sum(label != labels.IGNORE_INDEX))
         total += label.size
     if total:
