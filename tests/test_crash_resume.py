@@ -198,8 +198,9 @@ def test_killed_four_times_ends_like_an_uninterrupted_run(tmp_path):
 
     _kill_when(config, run_dir, logs[0], lambda: _in_progress(
         run_dir, "checkpoints", "round_01_translator", started="checkpoint"))
+    # An example is complete once its label (written after its image) is there.
     _kill_when(config, run_dir, logs[1], lambda: _in_progress(
-        run_dir, "translated", "round_01", started="images/*.png"))
+        run_dir, "translated", "round_01", started="labels/*.png"))
     _kill_when(config, run_dir, logs[2], lambda: _in_progress(
         run_dir, "checkpoints", "round_01_segmenter", started="checkpoint"))
     _kill_when(config, run_dir, logs[3], lambda: _in_progress(
