@@ -23,3 +23,13 @@ def _seed():
     keras.utils.set_random_seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def skip_grappler():
+    """For modules of tiny training steps, whose graphs Grappler rewrites for longer than the
+    steps run (``pytestmark = pytest.mark.usefixtures("skip_grappler")``); restored after."""
+    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})

@@ -18,18 +18,12 @@ from sait_tf.train import checkpoints, distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS, TranslationStep
 
+pytestmark = pytest.mark.usefixtures("skip_grappler")
+
 DEVICES = ["/cpu:0", "/cpu:1"]
 HEIGHT, WIDTH = 32, 64
 NUM_CLASSES = 3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _skip_grappler():
-    """Grappler's rewrites of the step graphs take longer than these tiny steps; restored."""
-    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from sait_tf.train import checkpoints, distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS, TranslationStep
 
+pytestmark = pytest.mark.usefixtures("skip_grappler")
+
 NUM_CLASSES = 3
 HEIGHT, WIDTH = 32, 64
 COMPUTE_DTYPES = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
@@ -34,14 +36,6 @@ def _restore_policy():
     yield
     keras.mixed_precision.set_global_policy(previous)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _skip_grappler():
-    """Grappler's rewrites of the step graphs take longer than these tiny steps; restored."""
-    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
 
 
 def test_set_precision_sets_the_policy_of_models_built_afterwards():

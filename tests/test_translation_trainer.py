@@ -16,20 +16,14 @@ from sait_tf.models.translator import build_translator
 from sait_tf.train import checkpoints
 from sait_tf.train.translation import DOMAINS, TranslationStep, train_translator
 
+pytestmark = pytest.mark.usefixtures("skip_grappler")
+
 NUM_CLASSES = 3
 SIZE = 16
 STEPS = 4
 LOSS_TAGS = {f"loss/{name}" for name in ("reconstruction", "gan", "image_cycle", "latent_cycle",
                                          "sce", "generator", "discriminator")}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _skip_grappler():
-    """Grappler's rewrites of the step graph take longer than these tiny steps; restored."""
-    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
 
 
 def _segmenter() -> keras.Model:
