@@ -8,12 +8,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_models import HEIGHT, NUM_CLASSES, WIDTH, segmentation_batch, tiny_translation_step
 
-from sait_tf import labels
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import OutputDiscriminator
-from sait_tf.models.patch_discriminator import build_patch_discriminator
-from sait_tf.models.translator import SpectralNormalization, build_translator
+from sait_tf.models.translator import SpectralNormalization
 from sait_tf.train import checkpoints, distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS, TranslationStep
@@ -21,8 +20,6 @@ from sait_tf.train.translation import DOMAINS, TranslationStep
 pytestmark = pytest.mark.usefixtures("skip_grappler")
 
 DEVICES = ["/cpu:0", "/cpu:1"]
-HEIGHT, WIDTH = 32, 64
-NUM_CLASSES = 3
 
 
 
@@ -103,26 +100,7 @@ def _translation_step(strategy: tf.distribute.Strategy) -> TranslationStep:
     """Tiny F, D_S, D_T and a stand-in M with the same initial weights in every call; SGD,
     whose update, unlike Adam's first one, shows a wrongly scaled gradient."""
     with strategy.scope():
-        keras.utils.set_random_seed(7)
-        inputs = keras.Input((None, None, 3))
-        segmenter = keras.Model(inputs, keras.layers.Conv2D(
-            NUM_CLASSES, 3, strides=2, padding="same")(inputs / 127.5 - 1.0))
-        keras.utils.set_random_seed(1)
-        translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
-                                      num_residual_blocks=1, spade_hidden=4)
-        translator.build()
-        discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=1)
-                          for d in DOMAINS}
-        for discriminator in discriminators.values():
-            discriminator(tf.zeros([1, 16, 16, 3]))
-        weights = dict(reconstruction=10.0, gan=1.0, image_cycle=10.0, latent_cycle=1.0,
-                       sce=10.0)
-        step = TranslationStep(segmenter, translator, discriminators,
-                               keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1), weights,
-                               use_sce=True)
-        step.generator_optimizer.build(step.generator_variables)
-        step.discriminator_optimizer.build(step.discriminator_variables)
-    return step
+        return tiny_translation_step(segmenter_seed=7, translator_seed=1)
 
 
 def test_translation_step_mirrored_equals_single_device(mirrored):
@@ -148,15 +126,6 @@ def test_translation_step_mirrored_equals_single_device(mirrored):
     _assert_replicas_agree(variables(steps["mirrored"]))
 
 
-def _segmentation_batch(seed: int) -> tf.data.Dataset:
-    """A global batch of 2 whose examples have different numbers of ignored pixels."""
-    rng = np.random.default_rng(seed)
-    image = rng.uniform(0, 255, (2, HEIGHT, WIDTH, 3)).astype(np.float32)
-    label = rng.integers(0, NUM_CLASSES, (2, HEIGHT, WIDTH)).astype(np.int32)
-    label[0, : HEIGHT // 2] = labels.IGNORE_INDEX
-    return tf.data.Dataset.from_tensors({"image": image, "label": label})
-
-
 def _segmentation_models(strategy: tf.distribute.Strategy) -> tuple[keras.Model, keras.Model]:
     with strategy.scope():
         keras.utils.set_random_seed(3)
@@ -174,7 +143,7 @@ def _sgd_discriminator(total_steps: int) -> optimizers.GroupedOptimizer:
 def _train_one_step(strategy: tf.distribute.Strategy, stage_dir: str) -> tuple:
     segmenter, discriminator = _segmentation_models(strategy)
     train_segmenter(segmenter, stage_dir, stage_dir + "_logs", 1,
-                    source_dataset=_segmentation_batch(1), target_dataset=_segmentation_batch(2),
+                    source_dataset=segmentation_batch(1), target_dataset=segmentation_batch(2),
                     output_discriminator=discriminator, lambda_adv=0.1,
                     optimizer_factory=lambda steps: optimizers.deeplabv2_optimizer(
                         steps, learning_rate=0.01),
@@ -252,7 +221,7 @@ def test_float16_loss_scales_stay_equal_on_every_replica(mirrored, tmp_path, mon
 
     monkeypatch.setattr(optimizers.GroupedOptimizer, "with_loss_scaling", keep)
     train_segmenter(segmenter, str(tmp_path / "stage"), str(tmp_path / "logs"), 6,
-                    source_dataset=_segmentation_batch(1), target_dataset=_segmentation_batch(2),
+                    source_dataset=segmentation_batch(1), target_dataset=segmentation_batch(2),
                     output_discriminator=discriminator, lambda_adv=0.1,
                     optimizer_factory=optimizers.adam_optimizer, strategy=mirrored)
     segmenter_optimizer = grouped[0].optimizers["all"]

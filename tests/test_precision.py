@@ -5,29 +5,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_models import NUM_CLASSES, segmentation_batch, tiny_translation_step
 
-from sait_tf import labels
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import OutputDiscriminator
-from sait_tf.models.patch_discriminator import build_patch_discriminator
-from sait_tf.models.translator import SpectralNormalization, build_translator
+from sait_tf.models.translator import SpectralNormalization
 from sait_tf.train import checkpoints, distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
-from sait_tf.train.translation import DOMAINS, TranslationStep
+from sait_tf.train.translation import DOMAINS
 
 pytestmark = pytest.mark.usefixtures("skip_grappler")
 
-NUM_CLASSES = 3
-HEIGHT, WIDTH = 32, 64
 COMPUTE_DTYPES = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
-
-
-def _segmentation_batch(seed: int) -> tf.data.Dataset:
-    rng = np.random.default_rng(seed)
-    image = rng.uniform(0, 255, (2, HEIGHT, WIDTH, 3)).astype(np.float32)
-    label = rng.integers(0, NUM_CLASSES, (2, HEIGHT, WIDTH)).astype(np.int32)
-    label[0, : HEIGHT // 2] = labels.IGNORE_INDEX
-    return tf.data.Dataset.from_tensors({"image": image, "label": label})
 
 
 @pytest.fixture(autouse=True)
@@ -95,30 +84,16 @@ def test_grouped_loss_scaling_unscales_gradients_and_keeps_weight_decay_unscaled
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_translation_step_is_finite_in_mixed_precision(policy):
     distribute.set_precision(policy)
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
-    segmenter = keras.Model(inputs, keras.layers.Conv2D(
-        NUM_CLASSES, 3, strides=2, padding="same")(inputs / 127.5 - 1.0))
-    translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
-                                  num_residual_blocks=1, spade_hidden=4)
-    translator.build()
-    discriminators = {d: build_patch_discriminator(dim=4, num_layers=2, num_scales=1)
-                      for d in DOMAINS}
-    for discriminator in discriminators.values():
-        discriminator(tf.zeros([1, 16, 16, 3]))
-    assert translator.compute_dtype == COMPUTE_DTYPES[policy]
 
-    def adam() -> keras.optimizers.Optimizer:
+    def adam(translator: keras.Model) -> keras.optimizers.Optimizer:
         optimizer = keras.optimizers.Adam(1e-3)
         if distribute.computes_in_float16(translator):
             return keras.optimizers.LossScaleOptimizer(optimizer)
         return optimizer
 
-    weights = dict(reconstruction=10.0, gan=1.0, image_cycle=10.0, latent_cycle=1.0, sce=10.0)
-    step = TranslationStep(segmenter, translator, discriminators, adam(), adam(), weights,
-                           use_sce=True)
-    step.generator_optimizer.build(step.generator_variables)
-    step.discriminator_optimizer.build(step.discriminator_variables)
+    step = tiny_translation_step(adam)
+    translator, discriminators = step.translator, step.discriminators
+    assert translator.compute_dtype == COMPUTE_DTYPES[policy]
     before = [v.numpy() for v in step.generator_variables if v.path.endswith("bias")]
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
     results = step.replica_step(pixels, pixels[::-1])
@@ -168,7 +143,7 @@ def test_segmenter_steps_are_finite_in_mixed_precision(policy, tmp_path):
     before = [v.numpy() for v in segmenter.trainable_variables]
     stage = str(tmp_path / "stage")
     train_segmenter(segmenter, stage, str(tmp_path / "logs"), 8,
-                    source_dataset=_segmentation_batch(1), target_dataset=_segmentation_batch(2),
+                    source_dataset=segmentation_batch(1), target_dataset=segmentation_batch(2),
                     output_discriminator=discriminator, lambda_adv=0.1,
                     optimizer_factory=optimizers.adam_optimizer)
     variables = segmenter.variables + discriminator.variables
@@ -201,14 +176,14 @@ def test_segmenter_step_compiles_with_xla(tmp_path):
     for jit_compile in (False, True):
         model = stand_in()
         train_segmenter(model, str(tmp_path / f"jit_{jit_compile}"), str(tmp_path / "logs"), 2,
-                        source_dataset=_segmentation_batch(1), jit_compile=jit_compile)
+                        source_dataset=segmentation_batch(1), jit_compile=jit_compile)
         results[jit_compile] = model.get_weights()
     for compiled, plain in zip(results[True], results[False], strict=True):
         assert np.isfinite(compiled).all()
         np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="train_segmenter.jit_compile: XLA cannot compile"):
         train_segmenter(stand_in(), str(tmp_path / "mirrored"), str(tmp_path / "logs"), 1,
-                        source_dataset=_segmentation_batch(1), jit_compile=True,
+                        source_dataset=segmentation_batch(1), jit_compile=True,
                         strategy=distribute.make_strategy("mirrored", ["/cpu:0", "/cpu:1"]))
 
 
@@ -216,27 +191,11 @@ def test_translation_step_compiles_with_xla():
     """The F step as ``train_translator.jit_compile`` compiles it equals the uncompiled one."""
     results = {}
     for jit_compile in (False, True):
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((None, None, 3))
-        segmenter = keras.Model(inputs, keras.layers.Conv2D(
-            NUM_CLASSES, 3, strides=2, padding="same")(inputs / 127.5 - 1.0))
-        translator = build_translator(num_classes=NUM_CLASSES, dim=4, num_downsamplings=1,
-                                      num_residual_blocks=1, spade_hidden=4)
-        translator.build()
-        discriminators = {d: build_patch_discriminator(dim=4, num_layers=1, num_scales=1)
-                          for d in DOMAINS}
-        for discriminator in discriminators.values():
-            discriminator(tf.zeros([1, 16, 16, 3]))
-        weights = dict(reconstruction=10.0, gan=1.0, image_cycle=10.0, latent_cycle=1.0,
-                       sce=10.0)
-        step = TranslationStep(segmenter, translator, discriminators, keras.optimizers.SGD(0.1),
-                               keras.optimizers.SGD(0.1), weights, use_sce=True)
-        step.generator_optimizer.build(step.generator_variables)
-        step.discriminator_optimizer.build(step.discriminator_variables)
+        step = tiny_translation_step(discriminator_layers=1)
         pixels = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
         run = tf.function(step.replica_step, autograph=False, jit_compile=True) if jit_compile \
             else step.replica_step
         run(pixels, pixels[::-1])
-        results[jit_compile] = [v.numpy() for v in translator.variables]
+        results[jit_compile] = [v.numpy() for v in step.translator.variables]
     for compiled, plain in zip(results[True], results[False], strict=True):
         np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
