@@ -22,11 +22,11 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
+from train_configs import REPO, SOURCE_ONLY_RUN, write_demo_config
 
 from sait_tf import labels
 from sait_tf.data.synthetic import generate_pair
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (16, 32)
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 # A failing start-up imports TensorFlow and reads a few file headers: about 5-10 s of CPU
@@ -52,29 +52,20 @@ class Launch:
     checkpoints_before: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _config(case_dir: str, pair: str, extra: str = "") -> str:
-    """demo.gin on ``pair``: one source-only step, no oracle, no rounds, no export."""
-    path = os.path.join(case_dir, "tiny.gin")
-    with open(path, "w") as f:
-        f.write(f"""include '{REPO}/gin/demo.gin'
-SOURCE_ROOT = '{pair}/source'
-TARGET_ROOT = '{pair}/target'
-run_pipeline.synthetic_pair_root = None
-run_pipeline.batch_size = 1
-run_pipeline.source_only_steps = 1
-run_pipeline.oracle_steps = 0
-run_pipeline.max_rounds = 0
-run_pipeline.export = False
-build_segmenter.blocks = {TINY_DEEPLAB["blocks"]}
-build_segmenter.width_multiplier = {TINY_DEEPLAB["width_multiplier"]}
-{extra}""")
-    return path
+def _config(case_dir: str, pair: str, *extra: str) -> str:
+    """demo.gin on ``pair``: one source-only step, no oracle, no rounds, no export; the
+    ``extra`` lines from line 12 on."""
+    blocks, width = TINY_DEEPLAB["blocks"], TINY_DEEPLAB["width_multiplier"]
+    return write_demo_config(os.path.join(case_dir, "tiny.gin"), pair, *SOURCE_ONLY_RUN,
+                             "run_pipeline.source_only_steps = 1",
+                             f"build_segmenter.blocks = {blocks}",
+                             f"build_segmenter.width_multiplier = {width}", *extra)
 
 
 def _train(case_dir: str, pair: str, culprits: tuple[str, ...], *params: str,
-           extra_config: str = "", run_dir: str | None = None) -> Launch:
+           extra_config: tuple[str, ...] = (), run_dir: str | None = None) -> Launch:
     run_dir = run_dir or os.path.join(case_dir, "run")
-    args = ["-m", "sait_tf.train", f"--gin_file={_config(case_dir, pair, extra_config)}",
+    args = ["-m", "sait_tf.train", f"--gin_file={_config(case_dir, pair, *extra_config)}",
             f"--run_dir={run_dir}", *(f"--gin_param={p}" for p in params)]
     return Launch(args, culprits, run_dir)
 
@@ -182,7 +173,7 @@ def _gin_parameter_typo(case_dir, pair):
 
 def _gin_configurable_typo_in_a_file(case_dir, pair):
     return _train(case_dir, pair, ("run_pipelin", "tiny.gin", "line 12"),
-                  extra_config="run_pipelin.max_rounds = 0\n")
+                  extra_config=("run_pipelin.max_rounds = 0",))
 
 
 def _unknown_architecture(case_dir, pair):

@@ -21,11 +21,11 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
 
 from sait_tf import labels
 from sait_tf.data.synthetic import generate_pair
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 8, 4, 4
 SIZE = (32, 64)
 # The source set is translated at 8x the generated size, so that translating it lasts long
@@ -41,11 +41,7 @@ def _config(tmp_path) -> str:
     pair = str(tmp_path / "pair")
     generate_pair(pair, num_source=NUM_SOURCE, num_target_train=NUM_TARGET_TRAIN,
                   num_target_val=NUM_TARGET_VAL, size=SIZE)
-    path = tmp_path / "tiny.gin"
-    path.write_text(f"""include '{REPO}/gin/demo.gin'
-SOURCE_ROOT = '{pair}/source'
-TARGET_ROOT = '{pair}/target'
-run_pipeline.synthetic_pair_root = None
+    return write_demo_config(tmp_path / "tiny.gin", pair, f"""
 run_pipeline.source_resize = {TRANSLATED_SIZE}
 run_pipeline.source_crop = {SIZE}
 run_pipeline.translator_crop = {SIZE}
@@ -56,19 +52,10 @@ run_pipeline.oracle_steps = 0
 run_pipeline.max_rounds = 1
 run_pipeline.translator_steps = {STEPS}
 run_pipeline.segmenter_steps = {STEPS}
-run_pipeline.output_discriminator_width = 4
 train_segmenter.eval_every = {STEPS}
 train_segmenter.checkpoint_every = 2
 train_translator.checkpoint_every = 2
-train_translator.log_images_every = {STEPS}
-build_translator.dim = 8
-build_translator.num_residual_blocks = 1
-build_translator.spade_hidden = 8
-build_patch_discriminator.dim = 8
-build_patch_discriminator.num_layers = 2
-build_patch_discriminator.num_scales = 1
-""")
-    return str(path)
+train_translator.log_images_every = {STEPS}""", *TINY_TRANSLATOR_AND_DISCRIMINATORS)
 
 
 def _start(config: str, run_dir: str, log_path: str) -> subprocess.Popen:

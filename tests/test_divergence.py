@@ -12,6 +12,7 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from train_configs import REPO, SOURCE_ONLY_RUN, write_demo_config
 
 from sait_tf.data.synthetic import generate_pair
 from sait_tf.models import build_segmenter
@@ -20,7 +21,6 @@ from sait_tf.train.optimizers import adam_optimizer
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.step_guard import DivergenceError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (16, 32)
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 MAX_CONSECUTIVE = 3
@@ -110,21 +110,12 @@ def test_the_main_job_stops_with_one_clear_line(tmp_path):
     """A learning rate of 1e30 makes the loss infinite after the first update."""
     pair = str(tmp_path / "pair")
     generate_pair(pair, num_source=2, num_target_train=1, num_target_val=1, size=SIZE)
-    config = tmp_path / "diverging.gin"
-    config.write_text(f"""include '{REPO}/gin/demo.gin'
-SOURCE_ROOT = '{pair}/source'
-TARGET_ROOT = '{pair}/target'
-run_pipeline.synthetic_pair_root = None
-run_pipeline.batch_size = 1
-run_pipeline.source_only_steps = 10
-run_pipeline.oracle_steps = 0
-run_pipeline.max_rounds = 0
-run_pipeline.export = False
-adam_optimizer.learning_rate = 1e30
-train_segmenter.checkpoint_every = 1
-train_segmenter.summary_every = 1
-NonFiniteCounter.max_consecutive = 2
-""")
+    config = write_demo_config(tmp_path / "diverging.gin", pair, *SOURCE_ONLY_RUN,
+                               "run_pipeline.source_only_steps = 10",
+                               "adam_optimizer.learning_rate = 1e30",
+                               "train_segmenter.checkpoint_every = 1",
+                               "train_segmenter.summary_every = 1",
+                               "NonFiniteCounter.max_consecutive = 2")
     run_dir = tmp_path / "run"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))

@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 from PIL import Image
+from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
 
 from sait_tf import labels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter",
           "round_02_translator", "round_02_segmenter")
 NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 4, 2, 2
@@ -37,13 +37,7 @@ def test_bad_binding_exits_at_once_with_gins_message(tmp_path):
 
 def _tiny_config(tmp_path) -> str:
     """demo.gin with a 4 + 2 + 2 image pair at 32x64, tiny networks, a few steps, two rounds."""
-    pair = tmp_path / "pair"
-    path = tmp_path / "tiny.gin"
-    path.write_text(f"""
-include '{REPO}/gin/demo.gin'
-SOURCE_ROOT = '{pair}/source'
-TARGET_ROOT = '{pair}/target'
-run_pipeline.synthetic_pair_root = '{pair}'
+    return write_demo_config(tmp_path / "tiny.gin", tmp_path / "pair", f"""
 ensure_synthetic_pair.num_source = {NUM_SOURCE}
 ensure_synthetic_pair.num_target_train = {NUM_TARGET_TRAIN}
 ensure_synthetic_pair.num_target_val = {NUM_TARGET_VAL}
@@ -56,16 +50,7 @@ run_pipeline.max_rounds = 2
 run_pipeline.patience = 2
 run_pipeline.translator_steps = 2
 run_pipeline.segmenter_steps = 3
-run_pipeline.output_discriminator_width = 4
-train_segmenter.eval_every = 2
-build_translator.dim = 8
-build_translator.num_residual_blocks = 1
-build_translator.spade_hidden = 8
-build_patch_discriminator.dim = 8
-build_patch_discriminator.num_layers = 2
-build_patch_discriminator.num_scales = 1
-""")
-    return str(path)
+train_segmenter.eval_every = 2""", *TINY_TRANSLATOR_AND_DISCRIMINATORS, run_makes_pair=True)
 
 
 def _mtimes(run_dir, *folders: str) -> dict[str, float]:
