@@ -96,14 +96,32 @@ def test_classifier_skipped_when_class_count_differs(caplog):
 
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert "init.pth" in warning and "21 classes" in warning and "layer5" in warning
-    conv2 = model.get_layer("layer3.0.conv2").kernel.numpy()
+    conv2 = model.torch_layers["layer3.0.conv2"].kernel.numpy()
     np.testing.assert_array_equal(conv2, state["layer3.0.conv2.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(model.get_layer("layer2.0.downsample.1").moving_variance,
+    np.testing.assert_array_equal(model.torch_layers["layer2.0.downsample.1"].moving_variance,
                                   state["layer2.0.downsample.1.running_var"])
-    for conv in model.get_layer("classifier").convs:  # still the N(0, 0.01) initialisation
+    for i in range(4):  # still the N(0, 0.01) initialisation
+        conv = model.torch_layers[f"layer5.conv2d_list.{i}"]
         assert conv.kernel.shape[-1] == 19
         assert 0.008 < float(np.std(conv.kernel.numpy())) < 0.012
         np.testing.assert_array_equal(conv.bias.numpy(), 0.0)
+
+
+def test_torch_layers_are_the_peers_modules_with_their_names():
+    """``torch_layers``: exactly the peers' state_dict modules, read-only; a layer's Keras name
+    is the last component of its module path (``layer5`` is named ``classifier``)."""
+    for model, reference in (
+            (build_segmenter("deeplabv2", 19, **TINY_DEEPLAB),
+             torch_reference.DeepLabV2(19, **TINY_DEEPLAB)),
+            (build_segmenter("fcn8s", 19, width_multiplier=0.0625),
+             torch_reference.FCN8s(19, width_multiplier=0.0625))):
+        modules = {key.rsplit(".", 1)[0] for key in reference.state_dict()}
+        assert set(model.torch_layers) == modules
+        with pytest.raises(TypeError):
+            model.torch_layers["extra"] = None
+        for path, layer in model.torch_layers.items():
+            if not path.startswith("layer5."):
+                assert path == layer.name or path.endswith(f".{layer.name}"), path
 
 
 def test_mismatch_lists_missing_unexpected_and_shapes():
@@ -133,15 +151,15 @@ def test_fcn8s_from_keras_vgg16(tmp_path):
 
     model = convert_torch.convert_keras_vgg16(str(vgg_file), 19)
 
-    np.testing.assert_array_equal(model.get_layer("conv3_2").kernel.numpy(),
+    np.testing.assert_array_equal(model.torch_layers["conv3_2"].kernel.numpy(),
                                   vgg16.get_layer("block3_conv2").kernel.numpy())
     # fc6 on a 7x7 pool5 window computes exactly VGG16's fc1 on the flattened window.
     pool5 = np.random.default_rng(4).normal(size=(1, 7, 7, 512)).astype(np.float32)
     fc1 = vgg16.get_layer("fc1")(pool5.reshape(1, -1)).numpy()
-    fc6 = model.get_layer("fc6")(pool5).numpy().reshape(1, -1)
+    fc6 = model.torch_layers["fc6"](pool5).numpy().reshape(1, -1)
     np.testing.assert_allclose(fc6, fc1, rtol=1e-4, atol=1e-4)
     fc2 = vgg16.get_layer("fc2")(fc1).numpy()
-    fc7 = model.get_layer("fc7")(fc6.reshape(1, 1, 1, -1)).numpy().reshape(1, -1)
+    fc7 = model.torch_layers["fc7"](fc6.reshape(1, 1, 1, -1)).numpy().reshape(1, -1)
     np.testing.assert_allclose(fc7, fc2, rtol=1e-4, atol=1e-4)
 
 

@@ -49,7 +49,9 @@ def _pixel_segmenter() -> keras.Model:
     On the fixture's random pixels about a third reach 0.9 and the class medians are near 0.8.
     """
     inputs = keras.Input((None, None, 3))
-    return keras.Model(inputs, keras.layers.Rescaling(1 / 32, offset=-4.0)(inputs))
+    model = keras.Model(inputs, keras.layers.Rescaling(1 / 32, offset=-4.0)(inputs))
+    model.num_classes = 3  # as build_segmenter's models have it
+    return model
 
 
 def _reference(image: np.ndarray, class_median: bool, all_images: list[np.ndarray]) -> np.ndarray:

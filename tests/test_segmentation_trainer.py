@@ -18,7 +18,9 @@ def _segmenter(seed: int = 0) -> keras.Model:
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="features")(x)
     logits = keras.layers.Conv2D(NUM_CLASSES, 1, name="classifier")(x)
-    return keras.Model(inputs, logits)
+    model = keras.Model(inputs, logits)
+    model.num_classes = NUM_CLASSES  # as build_segmenter's models have it
+    return model
 
 
 def _discriminator(seed: int = 1) -> keras.Model:

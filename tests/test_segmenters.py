@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import gin
 import keras
 import numpy as np
@@ -51,9 +53,10 @@ def test_fcn8s_output_is_input_size_for_any_size():
 def test_deeplabv2_classifier_contract_and_frozen_bn():
     model = build_segmenter("deeplabv2", 19, **TINY_DEEPLAB)
     classifier = sorted(v.path for v in model.trainable_variables if "classifier" in v.path)
-    assert classifier == sorted(f"classifier/conv_d{d}/{w}" for d in (6, 12, 18, 24)
+    assert classifier == sorted(f"deeplabv2/classifier/conv_d{d}/{w}" for d in (6, 12, 18, 24)
                                 for w in ("kernel", "bias"))
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    convs = [layer for name, layer in model.torch_layers.items()
+             if isinstance(layer, keras.layers.Conv2D) and not name.startswith("layer5.")]
     assert len(model.trainable_variables) == len(convs) + 8  # backbone kernels + classifier
     model.trainable = True  # cannot unfreeze the loaded BN statistics or affine parameters
     assert len(model.trainable_variables) == len(convs) + 8
@@ -63,11 +66,35 @@ def test_deeplabv2_classifier_contract_and_frozen_bn():
     np.testing.assert_array_equal(model(image, training=True), model(image, training=False))
 
 
+def test_variable_order_is_kept_for_checkpoints():
+    """train/checkpoints.py keys variables by position, so their order must never change."""
+    model = build_segmenter("deeplabv2", 3, **TINY_DEEPLAB)
+    bn = ["gamma", "beta", "moving_mean", "moving_variance"]
+    expected = ["conv1/kernel", *(f"bn1/{w}" for w in bn), "conv2/kernel",
+                *(f"bn2/{w}" for w in bn), "conv3/kernel", "downsample.0/kernel",
+                *(f"bn3/{w}" for w in bn), *(f"downsample.1/{w}" for w in bn)]
+    paths = [v.path for v in model.variables]
+    assert paths[:5] == ["deeplabv2/conv1/kernel", *(f"deeplabv2/bn1/{w}" for w in bn)]
+    for index in range(1, 5):
+        prefix = f"deeplabv2/layer{index}.0/"
+        assert [p[len(prefix):] for p in paths if p.startswith(prefix)] == expected
+    assert paths[-8:] == [f"deeplabv2/classifier/conv_d{d}/{w}" for d in (6, 12, 18, 24)
+                          for w in ("kernel", "bias")]
+    fcn = build_segmenter("fcn8s", 3, **TINY_FCN)
+    # The dropout layers' seed generators own a variable each, between fc6, fc7 and score_fr.
+    owners = ["seed" if "seed_generator" in v.path else v.path.split("/")[1]
+              for v in fcn.variables]
+    assert [owner for owner, _ in itertools.groupby(owners)] == [
+        "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1",
+        "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "seed", "fc7", "seed",
+        "score_fr", "upscore2", "score_pool4", "upscore_pool4", "score_pool3", "upscore8"]
+
+
 def test_deeplabv2_all_four_classifier_branches_are_summed():
     model = build_segmenter("deeplabv2", 3, **TINY_DEEPLAB)
     image = _images((65, 97))
-    classifier = model.get_layer("classifier")
-    features = keras.Model(model.input, classifier.input)(image)
+    classifier = model.classifier
+    features = model.features(image)
     branches = [conv(pad(features)) for pad, conv in zip(classifier.paddings, classifier.convs,
                                                          strict=True)]
     assert all(float(tf.reduce_max(tf.abs(b))) > 0 for b in branches)
@@ -78,7 +105,7 @@ def test_deeplabv2_all_four_classifier_branches_are_summed():
 
 def test_fcn8s_fixed_bilinear_upsampling_biases_and_dropout():
     model = build_segmenter("fcn8s", 2, **TINY_FCN)
-    upscore2 = model.get_layer("upscore2")
+    upscore2 = model.torch_layers["upscore2"]
     assert not upscore2.trainable_weights
     ramp = np.array([0.25, 0.75, 0.75, 0.25])
     np.testing.assert_allclose(upscore2.kernel.numpy()[:, :, 1, 1], np.outer(ramp, ramp))
@@ -89,7 +116,7 @@ def test_fcn8s_fixed_bilinear_upsampling_biases_and_dropout():
     assert not any("upscore" in path for path in trainable)
 
     # Dropout acts only with training=True; a non-zero score_fr makes fc7 visible.
-    score = model.get_layer("score_fr")
+    score = model.torch_layers["score_fr"]
     score.kernel.assign(tf.random.normal(score.kernel.shape))
     image = _images((33, 41))
     np.testing.assert_array_equal(model(image, training=False), model(image))
@@ -116,10 +143,11 @@ def test_size_knobs_bind_through_gin():
         model = build_segmenter()
     finally:
         gin.clear_config()
-    names = {layer.name for layer in model.layers}
-    assert {"layer2.1.conv3", "layer3.0.conv3"} <= names and "layer3.1.conv3" not in names
-    assert model.get_layer("layer4.0.conv3").kernel.shape == (1, 1, 64, 256)
-    assert model.output_shape == (None, None, None, 7)
+    assert {"layer2.1.conv3", "layer3.0.conv3"} <= set(model.torch_layers)
+    assert "layer3.1.conv3" not in model.torch_layers
+    assert model.torch_layers["layer4.0.conv3"].kernel.shape == (1, 1, 64, 256)
+    assert model.num_classes == 7
+    assert model(np.zeros((1, 33, 33, 3), np.float32)).shape == (1, 5, 5, 7)
 
 
 def test_tiny_frozen_bn_deeplabv2_learns_from_scratch():

@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 
 import gin
-import keras
 
 from sait_tf import labels
-from sait_tf.models.deeplabv2 import build_deeplabv2
-from sait_tf.models.fcn8s import build_fcn8s
+from sait_tf.models.deeplabv2 import DeepLabV2, build_deeplabv2
+from sait_tf.models.fcn8s import FCN8s, build_fcn8s
 
+# Both are subclassed keras.Models with ``num_classes`` and ``torch_layers``.
+Segmenter = DeepLabV2 | FCN8s
 SEGMENTER_BUILDERS = {"deeplabv2": build_deeplabv2, "fcn8s": build_fcn8s}
 
 
@@ -25,8 +26,8 @@ def size_knobs_of(arch: str) -> tuple[str, ...]:
 
 @gin.configurable
 def build_segmenter(arch: str, num_classes: int = labels.NUM_CLASSES,
-                    **size_knobs) -> keras.Model:
-    """Segmenter M: float32 RGB [0, 255] NHWC in, logits NHWC out (any H, W).
+                    **size_knobs) -> Segmenter:
+    """Segmenter M: float32 RGB [0, 255] NHWC in, ``num_classes`` logits NHWC out (any H, W).
 
     ``arch`` is "deeplabv2" (logits at output stride 8, PyTorch's size) or "fcn8s" (logits at
     the input size). ``size_knobs`` shrink the network (defaults are the paper's sizes):

@@ -1,17 +1,19 @@
 """DeepLabV2: Caffe-style ResNet-101 backbone and the ASPP-sum classifier (REFERENCE.md s.2).
 
-Keras layer names follow the PyTorch peers' state_dict module paths (``conv1``, ``bn1``,
-``layer3.5.conv2``, ``layer1.0.downsample.0``) so checkpoints convert by name. The peers'
-``layer5`` is the layer named ``classifier`` (its variable paths contain "classifier", which
-optimisers use to give it 10x learning rate); its branches are ``classifier.convs[i]``
-(``layer5.conv2d_list.i``).
+A subclassed ``keras.Model`` over ``Bottleneck`` blocks. Keras layer names follow the PyTorch
+peers' module names (block ``layer3.5`` holds ``conv2``; ``layer1.0`` holds ``downsample.0``),
+and ``DeepLabV2.torch_layers`` maps each state_dict module path (``layer3.5.conv2``) to its
+layer, so checkpoints convert by name. The peers' ``layer5`` is the layer named
+``classifier`` (its variable paths contain "classifier", which optimisers use to give it 10x
+learning rate); its branches are ``classifier.convs[i]`` (``layer5.conv2d_list.i``).
 
 The layers shared with FCN8s (Caffe preprocessing, ceil-mode max-pooling) live here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import keras
 import tensorflow as tf
@@ -21,6 +23,7 @@ from sait_tf import images
 PAPER_BLOCKS = (3, 4, 23, 3)
 PAPER_PLANES = (64, 128, 256, 512)
 STEM_WIDTH = 64
+STEM_KERNEL, STEM_PADDING = 7, 3
 EXPANSION = 4
 # (stride, dilation) of layer1..layer4: output stride 8, atrous layer3/layer4.
 LAYER_STRIDES_DILATIONS = ((1, 1), (2, 1), (1, 2), (1, 4))
@@ -130,6 +133,12 @@ class ASPPSum(keras.layers.Layer):
             for d in self.dilations
         ]
 
+    @property
+    def torch_layers(self) -> Mapping[str, keras.layers.Layer]:
+        """Read-only: the peers' module name inside ``layer5`` -> branch conv
+        (``conv2d_list.i``). Not a dict, which Keras' weights files would walk again."""
+        return MappingProxyType({f"conv2d_list.{i}": conv for i, conv in enumerate(self.convs)})
+
     def build(self, input_shape: Sequence[int | None]) -> None:
         for conv in self.convs:
             conv.build(input_shape)
@@ -146,70 +155,171 @@ class ASPPSum(keras.layers.Layer):
                 "dilations": self.dilations}
 
 
-def _conv(x, filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
-          padding: int = 0, input_scale: float = 1.0):
-    """PyTorch-style conv without bias: explicit symmetric zero padding, then a valid conv.
+def zero_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
+    """Symmetric zero padding of H and W, as in PyTorch's ``Conv2d(padding=...)``."""
+    return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+
+
+def _conv(filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
+          input_scale: float = 1.0) -> keras.layers.Conv2D:
+    """PyTorch-style conv without bias; callers pad explicitly (``zero_pad``).
 
     He initialisation divided by ``input_scale``, the typical magnitude of the input, so
     activations start near unit scale under frozen identity BN (training from scratch).
     """
-    if padding:
-        x = keras.layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
     initializer = keras.initializers.VarianceScaling(2.0 / input_scale**2, "fan_in",
                                                      "truncated_normal")
     return keras.layers.Conv2D(filters, kernel, strides=strides, dilation_rate=dilation,
-                               use_bias=False, kernel_initializer=initializer, name=name)(x)
+                               use_bias=False, kernel_initializer=initializer, name=name)
 
 
-def _bn(x, name: str, relu: bool):
-    x = FrozenBatchNorm(name=name)(x)
-    return keras.layers.ReLU(name=f"{name}.relu")(x) if relu else x
+def _with_channels(input_shape: Sequence[int | None], channels: int) -> tuple:
+    return (*tuple(input_shape)[:-1], channels)
 
 
-def _bottleneck(x, planes: int, name: str, stride: int, dilation: int, project: bool):
-    """Caffe-style bottleneck: the stride is on the first 1x1 conv, not on the 3x3."""
-    shortcut = x
-    if project:
-        shortcut = _conv(x, planes * EXPANSION, 1, f"{name}.downsample.0", strides=stride)
-        shortcut = _bn(shortcut, f"{name}.downsample.1", relu=False)
-    y = _bn(_conv(x, planes, 1, f"{name}.conv1", strides=stride), f"{name}.bn1", relu=True)
-    y = _conv(y, planes, 3, f"{name}.conv2", dilation=dilation, padding=dilation)
-    y = _bn(y, f"{name}.bn2", relu=True)
-    y = _bn(_conv(y, planes * EXPANSION, 1, f"{name}.conv3"), f"{name}.bn3", relu=False)
-    y = keras.layers.Add(name=f"{name}.add")([y, shortcut])
-    return keras.layers.ReLU(name=f"{name}.relu")(y)
+@keras.saving.register_keras_serializable(package="sait_tf")
+class Bottleneck(keras.layers.Layer):
+    """Caffe-style ResNet bottleneck: the stride is on the first 1x1 conv, not on the 3x3.
+
+    With ``project`` the shortcut is a strided 1x1 conv and a frozen BN (the peers'
+    ``downsample.0`` and ``downsample.1``), otherwise the identity. Sub-layer names are the
+    peers' module names inside a block (``conv1`` .. ``bn3``, ``downsample.0``, ...).
+    """
+
+    def __init__(self, planes: int, stride: int = 1, dilation: int = 1, project: bool = False,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.planes, self.stride, self.dilation, self.project = planes, stride, dilation, project
+        # The assignment order fixes the order of ``variables``, which train/checkpoints.py
+        # uses as checkpoint keys: keep it (conv3 before the shortcut conv, bn3 before its BN)
+        # so existing checkpoints restore.
+        self.conv1 = _conv(planes, 1, "conv1", strides=stride)
+        self.bn1 = FrozenBatchNorm(name="bn1")
+        self.conv2 = _conv(planes, 3, "conv2", dilation=dilation)
+        self.bn2 = FrozenBatchNorm(name="bn2")
+        self.conv3 = _conv(planes * EXPANSION, 1, "conv3")
+        self.downsample_conv = (_conv(planes * EXPANSION, 1, "downsample.0", strides=stride)
+                                if project else None)
+        self.bn3 = FrozenBatchNorm(name="bn3")
+        self.downsample_bn = FrozenBatchNorm(name="downsample.1") if project else None
+
+    @property
+    def torch_layers(self) -> Mapping[str, keras.layers.Layer]:
+        """Read-only: the peers' module name inside the block -> the layer holding its
+        parameters. Not a dict, which Keras' weights files would walk again."""
+        layers = [self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3]
+        if self.project:
+            layers += [self.downsample_conv, self.downsample_bn]
+        return MappingProxyType({layer.name: layer for layer in layers})
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates the variables; only the channel count of ``input_shape`` matters."""
+        planes = _with_channels(input_shape, self.planes)
+        expanded = _with_channels(input_shape, self.planes * EXPANSION)
+        self.conv1.build(input_shape)
+        self.bn1.build(planes)
+        self.conv2.build(planes)
+        self.bn2.build(planes)
+        self.conv3.build(planes)
+        self.bn3.build(expanded)
+        if self.project:
+            self.downsample_conv.build(input_shape)
+            self.downsample_bn.build(expanded)
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        shortcut = x
+        if self.project:
+            shortcut = self.downsample_bn(self.downsample_conv(x))
+        y = tf.nn.relu(self.bn1(self.conv1(x)))
+        y = tf.nn.relu(self.bn2(self.conv2(zero_pad(y, self.dilation))))
+        y = self.bn3(self.conv3(y))
+        return tf.nn.relu(y + shortcut)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "planes": self.planes, "stride": self.stride,
+                "dilation": self.dilation, "project": self.project}
 
 
 def _scaled(width: int, width_multiplier: float) -> int:
     return max(1, round(width * width_multiplier))
 
 
-def build_deeplabv2(num_classes: int, blocks: Sequence[int] = PAPER_BLOCKS,
-                    width_multiplier: float = 1.0) -> keras.Model:
+class DeepLabV2(keras.Model):
     """DeepLabV2-ResNet101 on RGB [0, 255] NHWC; logits at output stride 8 with PyTorch's size.
 
     ``blocks`` (bottlenecks per layer) and ``width_multiplier`` (scales the stem and the planes
-    64/128/256/512) shrink the network for demos; the defaults are the paper's.
+    64/128/256/512) shrink the network for demos; the defaults are the paper's. Every variable
+    exists once the constructor returns (see ``build``). ``torch_layers`` finds a layer by its
+    peers' state_dict module path; ``num_classes`` is the number of logit channels.
     """
-    blocks = tuple(blocks)
-    if len(blocks) != 4 or any(int(b) != b or b < 1 for b in blocks):
-        raise ValueError(f"deeplabv2: blocks must be 4 positive integers, got {blocks!r}")
-    if not width_multiplier > 0:
-        raise ValueError(f"deeplabv2: width_multiplier must be > 0, got {width_multiplier!r}")
-    if num_classes < 1:
-        raise ValueError(f"deeplabv2: num_classes must be >= 1, got {num_classes!r}")
 
-    rgb = keras.Input(shape=(None, None, 3), name="image")
-    x = CaffePreprocess(name="caffe_preprocess")(rgb)
-    x = _conv(x, _scaled(STEM_WIDTH, width_multiplier), 7, "conv1", strides=2, padding=3,
-              input_scale=CAFFE_INPUT_SCALE)
-    x = _bn(x, "bn1", relu=True)
-    x = MaxPool2DCeil(3, 2, padding=1, name="maxpool")(x)
-    for index, (count, planes, (stride, dilation)) in enumerate(
-            zip(blocks, PAPER_PLANES, LAYER_STRIDES_DILATIONS, strict=True), start=1):
-        for block in range(int(count)):
-            x = _bottleneck(x, _scaled(planes, width_multiplier), f"layer{index}.{block}",
-                            stride=stride if block == 0 else 1, dilation=dilation,
-                            project=block == 0)
-    logits = ASPPSum(num_classes, name="classifier")(x)
-    return keras.Model(rgb, logits, name="deeplabv2")
+    def __init__(self, num_classes: int, blocks: Sequence[int] = PAPER_BLOCKS,
+                 width_multiplier: float = 1.0, **kwargs) -> None:
+        blocks = tuple(blocks)
+        if len(blocks) != 4 or any(int(b) != b or b < 1 for b in blocks):
+            raise ValueError(f"deeplabv2: blocks must be 4 positive integers, got {blocks!r}")
+        if not width_multiplier > 0:
+            raise ValueError(f"deeplabv2: width_multiplier must be > 0, got {width_multiplier!r}")
+        if num_classes < 1:
+            raise ValueError(f"deeplabv2: num_classes must be >= 1, got {num_classes!r}")
+        kwargs.setdefault("name", "deeplabv2")
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
+        self.conv1 = _conv(_scaled(STEM_WIDTH, width_multiplier), STEM_KERNEL, "conv1", strides=2,
+                           input_scale=CAFFE_INPUT_SCALE)
+        self.bn1 = FrozenBatchNorm(name="bn1")
+        self.maxpool = MaxPool2DCeil(3, 2, padding=1, name="maxpool")
+        self.blocks = [
+            Bottleneck(_scaled(planes, width_multiplier), stride=stride if block == 0 else 1,
+                       dilation=dilation, project=block == 0, name=f"layer{index}.{block}")
+            for index, (count, planes, (stride, dilation)) in enumerate(
+                zip(blocks, PAPER_PLANES, LAYER_STRIDES_DILATIONS, strict=True), start=1)
+            for block in range(int(count))
+        ]
+        # The peers' layer5, named "classifier" for the optimisers (see the module docstring).
+        self.classifier = ASPPSum(num_classes, name="classifier")
+        modules = {"conv1": self.conv1, "bn1": self.bn1}
+        for block in self.blocks:
+            modules.update({f"{block.name}.{name}": layer
+                            for name, layer in block.torch_layers.items()})
+        modules.update({f"layer5.{name}": layer
+                        for name, layer in self.classifier.torch_layers.items()})
+        self._torch_layers = MappingProxyType(modules)
+        self.build((None, None, None, 3))
+
+    @property
+    def torch_layers(self) -> Mapping[str, keras.layers.Layer]:
+        """Read-only: the peers' state_dict module path (``conv1``, ``layer3.5.conv2``,
+        ``layer2.0.downsample.1``, ``layer5.conv2d_list.0``) -> the layer holding its
+        parameters. Nested layers are not in ``layers`` nor found by ``get_layer``."""
+        return self._torch_layers
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates every variable; only the channel count of ``input_shape`` matters."""
+        self.conv1.build(input_shape)
+        shape = _with_channels(input_shape, self.conv1.filters)
+        self.bn1.build(shape)
+        for block in self.blocks:
+            block.build(shape)
+            shape = _with_channels(shape, block.planes * EXPANSION)
+        self.classifier.build(shape)
+
+    def features(self, images: tf.Tensor) -> tf.Tensor:
+        """Backbone features at output stride 8, the classifier's input."""
+        x = self.caffe_preprocess(images)
+        x = tf.nn.relu(self.bn1(self.conv1(zero_pad(x, STEM_PADDING))))
+        x = self.maxpool(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def call(self, images: tf.Tensor) -> tf.Tensor:
+        return self.classifier(self.features(images))
+
+
+def build_deeplabv2(num_classes: int, blocks: Sequence[int] = PAPER_BLOCKS,
+                    width_multiplier: float = 1.0) -> DeepLabV2:
+    """``DeepLabV2(num_classes, blocks, width_multiplier)``: the builder ``build_segmenter``
+    dispatches to; its parameters are the architecture's size knobs."""
+    return DeepLabV2(num_classes, blocks, width_multiplier)

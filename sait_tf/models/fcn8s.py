@@ -1,6 +1,7 @@
 """FCN8s with a VGG16 backbone, in the layout of the peers' checkpoints (REFERENCE.md s.2).
 
-Keras layer names are the peers' state_dict module names (``conv1_1`` .. ``conv5_3``, ``fc6``,
+A subclassed ``keras.Model``. Its Keras layer names, the keys of ``FCN8s.torch_layers``, are
+the peers' state_dict module names (``conv1_1`` .. ``conv5_3``, ``fc6``,
 ``fc7``, ``score_fr``, ``score_pool4``, ``score_pool3``, ``upscore2``, ``upscore_pool4``,
 ``upscore8``). ``conv1_1`` pads by 100 so the crops (offsets 5, 9, 31) realign the skips and
 return logits at the input size for any H, W.
@@ -8,13 +9,14 @@ return logits at the input size for any H, W.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from sait_tf.models.deeplabv2 import CaffePreprocess, MaxPool2DCeil
+from sait_tf.models.deeplabv2 import CaffePreprocess, MaxPool2DCeil, zero_pad
 
 # (channels, convs) of the five VGG16 stages.
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -64,71 +66,134 @@ class CropLike(keras.layers.Layer):
         return {**super().get_config(), "offset": self.offset}
 
 
-def _conv(x, filters: int, kernel: int, name: str, padding: int = 0, relu: bool = True,
-          initializer: str = "he_normal"):
-    if padding:
-        x = keras.layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
+def _conv(filters: int, kernel: int, name: str, relu: bool = True,
+          initializer: str = "he_normal") -> keras.layers.Conv2D:
+    """A conv with bias and 'valid' padding; callers pad explicitly (``zero_pad``)."""
     return keras.layers.Conv2D(filters, kernel, activation="relu" if relu else None,
-                               kernel_initializer=initializer, name=name)(x)
+                               kernel_initializer=initializer, name=name)
 
 
-def _score(x, num_classes: int, name: str):
+def _score(num_classes: int, name: str) -> keras.layers.Conv2D:
     """1x1 class scores, zero-initialised as in the peers."""
-    return _conv(x, num_classes, 1, name, relu=False, initializer="zeros")
+    return _conv(num_classes, 1, name, relu=False, initializer="zeros")
 
 
-def _upsample(x, num_classes: int, kernel: int, stride: int, name: str):
+def _upsample(num_classes: int, kernel: int, stride: int,
+              name: str) -> keras.layers.Conv2DTranspose:
+    """A fixed (non-trainable) bilinear transposed conv."""
     return keras.layers.Conv2DTranspose(num_classes, kernel, strides=stride, use_bias=False,
                                         kernel_initializer=BilinearUpsampling(),
-                                        trainable=False, name=name)(x)
+                                        trainable=False, name=name)
 
 
-def build_fcn8s(num_classes: int, width_multiplier: float = 1.0,
-                dropout: float = 0.5) -> keras.Model:
+class FCN8s(keras.Model):
     """FCN8s-VGG16 on RGB [0, 255] NHWC; logits at the input size.
 
     ``width_multiplier`` scales the VGG widths and the 4096-wide fc6/fc7 for demos;
     ``dropout`` is the channel dropout after fc6 and fc7 (PyTorch ``Dropout2d``), active only
-    when the model is called with ``training=True``.
+    when the model is called with ``training=True``. Every variable exists once the
+    constructor returns (see ``build``). ``torch_layers`` finds a layer by its peers'
+    state_dict module name; ``num_classes`` is the number of logit channels.
     """
-    if not width_multiplier > 0:
-        raise ValueError(f"fcn8s: width_multiplier must be > 0, got {width_multiplier!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"fcn8s: dropout must be in [0, 1), got {dropout!r}")
-    if num_classes < 1:
-        raise ValueError(f"fcn8s: num_classes must be >= 1, got {num_classes!r}")
 
-    def scaled(width: int) -> int:
-        return max(1, round(width * width_multiplier))
+    def __init__(self, num_classes: int, width_multiplier: float = 1.0, dropout: float = 0.5,
+                 **kwargs) -> None:
+        if not width_multiplier > 0:
+            raise ValueError(f"fcn8s: width_multiplier must be > 0, got {width_multiplier!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"fcn8s: dropout must be in [0, 1), got {dropout!r}")
+        if num_classes < 1:
+            raise ValueError(f"fcn8s: num_classes must be >= 1, got {num_classes!r}")
+        kwargs.setdefault("name", "fcn8s")
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
 
-    rgb = keras.Input(shape=(None, None, 3), name="image")
-    x = CaffePreprocess(name="caffe_preprocess")(rgb)
-    pools = []
-    for stage, (channels, convs) in enumerate(VGG16_STAGES, start=1):
-        for index in range(1, convs + 1):
-            padding = CONV1_1_PADDING if (stage, index) == (1, 1) else 1
-            x = _conv(x, scaled(channels), 3, f"conv{stage}_{index}", padding=padding)
-        x = MaxPool2DCeil(2, 2, name=f"pool{stage}")(x)
-        pools.append(x)
-    pool3, pool4 = pools[2], pools[3]
+        def scaled(width: int) -> int:
+            return max(1, round(width * width_multiplier))
 
-    x = _conv(x, scaled(FC_WIDTH), 7, "fc6")
-    x = keras.layers.SpatialDropout2D(dropout, name="drop6")(x)
-    x = _conv(x, scaled(FC_WIDTH), 1, "fc7")
-    x = keras.layers.SpatialDropout2D(dropout, name="drop7")(x)
+        # The assignment order (the forward order) fixes the order of ``variables``, which
+        # train/checkpoints.py uses as checkpoint keys: keep it so existing checkpoints restore.
+        self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
+        self.vgg_convs = [_conv(scaled(channels), 3, f"conv{stage}_{index}")
+                          for stage, (channels, convs) in enumerate(VGG16_STAGES, start=1)
+                          for index in range(1, convs + 1)]
+        self.pools = [MaxPool2DCeil(2, 2, name=f"pool{stage}")
+                      for stage in range(1, len(VGG16_STAGES) + 1)]
+        self.fc6 = _conv(scaled(FC_WIDTH), 7, "fc6")
+        self.drop6 = keras.layers.SpatialDropout2D(dropout, name="drop6")
+        self.fc7 = _conv(scaled(FC_WIDTH), 1, "fc7")
+        self.drop7 = keras.layers.SpatialDropout2D(dropout, name="drop7")
+        self.score_fr = _score(num_classes, "score_fr")
+        self.upscore2 = _upsample(num_classes, 4, 2, "upscore2")
+        self.scale_pool4 = keras.layers.Rescaling(POOL4_SCALE, name="scale_pool4")
+        self.score_pool4 = _score(num_classes, "score_pool4")
+        self.crop_pool4 = CropLike(SCORE_POOL4_OFFSET, name="crop_pool4")
+        self.upscore_pool4 = _upsample(num_classes, 4, 2, "upscore_pool4")
+        self.scale_pool3 = keras.layers.Rescaling(POOL3_SCALE, name="scale_pool3")
+        self.score_pool3 = _score(num_classes, "score_pool3")
+        self.crop_pool3 = CropLike(SCORE_POOL3_OFFSET, name="crop_pool3")
+        self.upscore8 = _upsample(num_classes, 16, 8, "upscore8")
+        self.crop_output = CropLike(OUTPUT_OFFSET, name="crop_output")
+        layers = [*self.vgg_convs, self.fc6, self.fc7, self.score_fr, self.score_pool4,
+                  self.score_pool3, self.upscore2, self.upscore_pool4, self.upscore8]
+        self._torch_layers = MappingProxyType({layer.name: layer for layer in layers})
+        self.build((None, None, None, 3))
 
-    upscore2 = _upsample(_score(x, num_classes, "score_fr"), num_classes, 4, 2, "upscore2")
-    score_pool4 = _score(keras.layers.Rescaling(POOL4_SCALE, name="scale_pool4")(pool4),
-                         num_classes, "score_pool4")
-    score_pool4 = CropLike(SCORE_POOL4_OFFSET, name="crop_pool4")([score_pool4, upscore2])
-    fuse_pool4 = keras.layers.Add(name="fuse_pool4")([upscore2, score_pool4])
+    @property
+    def torch_layers(self) -> Mapping[str, keras.layers.Layer]:
+        """Read-only: the peers' state_dict module name (``conv3_2``, ``fc6``, ``score_fr``,
+        ``upscore2``, ...) -> the layer holding its parameters, which has that Keras name.
+        The lookup by PyTorch name of both segmenters (see ``DeepLabV2.torch_layers``)."""
+        return self._torch_layers
 
-    upscore_pool4 = _upsample(fuse_pool4, num_classes, 4, 2, "upscore_pool4")
-    score_pool3 = _score(keras.layers.Rescaling(POOL3_SCALE, name="scale_pool3")(pool3),
-                         num_classes, "score_pool3")
-    score_pool3 = CropLike(SCORE_POOL3_OFFSET, name="crop_pool3")([score_pool3, upscore_pool4])
-    fuse_pool3 = keras.layers.Add(name="fuse_pool3")([upscore_pool4, score_pool3])
+    def _stage_convs(self) -> list[list[keras.layers.Conv2D]]:
+        """``vgg_convs`` split into the five VGG16 stages."""
+        convs = iter(self.vgg_convs)
+        return [[next(convs) for _ in range(count)] for _, count in VGG16_STAGES]
 
-    upscore8 = _upsample(fuse_pool3, num_classes, 16, 8, "upscore8")
-    logits = CropLike(OUTPUT_OFFSET, name="crop_output")([upscore8, rgb])
-    return keras.Model(rgb, logits, name="fcn8s")
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates every variable; only the channel count of ``input_shape`` matters."""
+        shape = tuple(input_shape)
+        stage_shapes = []
+        for convs in self._stage_convs():
+            for conv in convs:
+                conv.build(shape)
+                shape = (*shape[:-1], conv.filters)
+            stage_shapes.append(shape)
+        self.fc6.build(shape)
+        self.fc7.build((*shape[:-1], self.fc6.filters))
+        self.score_fr.build((*shape[:-1], self.fc7.filters))
+        self.score_pool4.build(stage_shapes[3])
+        self.score_pool3.build(stage_shapes[2])
+        scores = (*shape[:-1], self.num_classes)
+        for upsample in (self.upscore2, self.upscore_pool4, self.upscore8):
+            upsample.build(scores)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.caffe_preprocess(images)
+        pools = []
+        for stage, (convs, pool) in enumerate(zip(self._stage_convs(), self.pools,
+                                                  strict=True)):
+            for index, conv in enumerate(convs):
+                x = conv(zero_pad(x, CONV1_1_PADDING if stage == index == 0 else 1))
+            x = pool(x)
+            pools.append(x)
+        pool3, pool4 = pools[2], pools[3]
+
+        x = self.drop6(self.fc6(x), training=training)
+        x = self.drop7(self.fc7(x), training=training)
+
+        upscore2 = self.upscore2(self.score_fr(x))
+        score_pool4 = self.crop_pool4([self.score_pool4(self.scale_pool4(pool4)), upscore2])
+        upscore_pool4 = self.upscore_pool4(upscore2 + score_pool4)
+        score_pool3 = self.crop_pool3([self.score_pool3(self.scale_pool3(pool3)),
+                                       upscore_pool4])
+        upscore8 = self.upscore8(upscore_pool4 + score_pool3)
+        return self.crop_output([upscore8, images])
+
+
+def build_fcn8s(num_classes: int, width_multiplier: float = 1.0,
+                dropout: float = 0.5) -> FCN8s:
+    """``FCN8s(num_classes, width_multiplier, dropout)``: the builder ``build_segmenter``
+    dispatches to; its parameters are the architecture's size knobs."""
+    return FCN8s(num_classes, width_multiplier, dropout)

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import app, flags, logging
 
-from sait_tf.models import build_segmenter
+from sait_tf.models import Segmenter, build_segmenter
 from sait_tf.models.deeplabv2 import FrozenBatchNorm
 
 # Module prefixes of the class-dependent layers, and the key whose first dimension is the
@@ -79,23 +79,16 @@ def _layer_parameters(module: str, layer: keras.layers.Layer):
                     "does not know")
 
 
-def torch_parameters(model: keras.Model, arch: str) -> dict[str, tuple[keras.Variable, Callable]]:
+def torch_parameters(model: Segmenter) -> dict[str, tuple[keras.Variable, Callable]]:
     """Every peer state_dict key of ``model`` -> (Keras variable, torch-to-Keras converter).
 
-    Layer names are the peers' module paths; the DeepLabV2 classifier branches are
-    ``layer5.conv2d_list.i``.
+    The modules are ``model.torch_layers``: the peers' module paths, e.g. ``layer3.5.conv2``
+    or the DeepLabV2 classifier branches ``layer5.conv2d_list.i``.
     """
     parameters = {}
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        if arch == "deeplabv2" and layer.name == "classifier":
-            modules = [(f"layer5.conv2d_list.{i}", conv) for i, conv in enumerate(layer.convs)]
-        else:
-            modules = [(layer.name, layer)]
-        for module, sublayer in modules:
-            for key, variable, convert in _layer_parameters(module, sublayer):
-                parameters[key] = (variable, convert)
+    for module, layer in model.torch_layers.items():
+        for key, variable, convert in _layer_parameters(module, layer):
+            parameters[key] = (variable, convert)
     return parameters
 
 
@@ -125,14 +118,14 @@ def _listing(title: str, lines: list[str]) -> str:
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, num_classes: int,
-                       source: str = "state_dict", **size_knobs) -> keras.Model:
+                       source: str = "state_dict", **size_knobs) -> Segmenter:
     """Builds ``build_segmenter(arch, num_classes, **size_knobs)`` and loads a peer state_dict.
 
     ``source`` names the checkpoint in messages. Raises ``CheckpointMismatchError`` listing
     missing keys, unexpected keys and shape mismatches before any weight is assigned.
     """
     model = build_segmenter(arch, num_classes, **size_knobs)
-    parameters = torch_parameters(model, arch)
+    parameters = torch_parameters(model)
     state = {key: np.asarray(value) for key, value in state_dict.items()
              if not key.endswith(IGNORED_SUFFIXES)}
     state = _strip_prefixes(state, {key.split(".", 1)[0] for key in parameters})
@@ -171,7 +164,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, num_clas
     return model
 
 
-def convert_keras_vgg16(weights_path: str, num_classes: int, **size_knobs) -> keras.Model:
+def convert_keras_vgg16(weights_path: str, num_classes: int, **size_knobs) -> Segmenter:
     """FCN8s initialised from a user-supplied ``keras.applications.VGG16`` weights file (with
     top): conv layers copied, fc1/fc2 reshaped into the 7x7 fc6 and 1x1 fc7 convs."""
     if size_knobs.get("width_multiplier", 1.0) != 1.0:
@@ -186,10 +179,10 @@ def convert_keras_vgg16(weights_path: str, num_classes: int, **size_knobs) -> ke
                          f"weights file with top (fc1, fc2): {error}") from error
     model = build_segmenter("fcn8s", num_classes, **size_knobs)
     for source_name, target_name in KERAS_VGG16_LAYERS.items():
-        model.get_layer(target_name).set_weights(vgg16.get_layer(source_name).get_weights())
+        model.torch_layers[target_name].set_weights(vgg16.get_layer(source_name).get_weights())
     for source_name, target_name in KERAS_VGG16_FC.items():
         kernel, bias = vgg16.get_layer(source_name).get_weights()
-        target = model.get_layer(target_name)
+        target = model.torch_layers[target_name]
         # Keras flattens (h, w, c) row-major, so the Dense kernel reshapes straight to HWIO.
         target.set_weights([kernel.reshape(target.kernel.shape), bias])
     logging.info("%s: loaded VGG16 conv1_1..conv5_3, fc6, fc7; score layers keep their "

@@ -373,7 +373,7 @@ def _load_init_weights(segmenter: keras.Model, init_weights: str) -> None:
         detail = lines[min(1, len(lines) - 1)].split(" Target variable:")[0][:200]
         raise ValueError(
             f"run_pipeline.init_weights {init_weights} does not fit the segmenter "
-            f"({segmenter.name}, {segmenter.output_shape[-1]} classes; another architecture, "
+            f"({segmenter.name}, {segmenter.num_classes} classes; another architecture, "
             f"class count or size?): {detail}") from error
 
 

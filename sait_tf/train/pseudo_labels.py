@@ -98,7 +98,7 @@ def _median_thresholds(segmenter: keras.Model, examples: Sequence[readers.Exampl
     if os.path.exists(path):
         with open(path) as f:
             return np.asarray(json.load(f)["thresholds"], np.float64)
-    num_classes = segmenter.output_shape[-1]
+    num_classes = segmenter.num_classes
     histogram = np.zeros((num_classes, HISTOGRAM_BINS), np.int64)
     for _, confidence, prediction in _predictions(segmenter, examples, resize, batch_size,
                                                   "pseudo_labels/medians"):
@@ -122,13 +122,15 @@ def generate_pseudo_labels(
     batch_size: int = 1,
 ) -> int:
     """Writes Y_T^SSL for ``examples`` (images resized to ``resize`` (H, W), the training
-    resolution) to ``out_dir``; returns how many label files were written by this call."""
+    resolution) to ``out_dir``; returns how many label files were written by this call.
+
+    ``segmenter`` has ``num_classes`` logit channels (``build_segmenter``'s models do)."""
     if checkpoints.is_stage_done(out_dir):
         return 0
     if class_median:
         thresholds = _median_thresholds(segmenter, examples, out_dir, resize, batch_size, th_ssl)
     else:
-        thresholds = np.full(segmenter.output_shape[-1], th_ssl, np.float64)
+        thresholds = np.full(segmenter.num_classes, th_ssl, np.float64)
     todo = [ex for ex in examples
             if not os.path.exists(os.path.join(out_dir, f"{ex.name}.png"))]
     kept = total = 0

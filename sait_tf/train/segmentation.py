@@ -75,11 +75,12 @@ def train_segmenter(
 
     Datasets yield batches {"image" float32 RGB [0, 255], "label" int32 trainIds} and are
     repeated here. ``source_dataset`` gives L_seg, ``target_dataset`` (images with
-    pseudo-labels) L_SSL, and with ``output_discriminator`` the adversarial term uses the
-    images of ``target_unlabeled_dataset`` (default: those of ``target_dataset``). The
-    stage resumes from its newest checkpoint (optimiser state included); a stage with a
-    DONE marker only restores the segmenter's weights and returns None. Returns the
-    evaluation on ``eval_dataset`` at the last step, or None without one.
+    pseudo-labels) L_SSL, and with ``output_discriminator`` (built here on
+    ``segmenter.num_classes`` channels) the adversarial term uses the images of
+    ``target_unlabeled_dataset`` (default: those of ``target_dataset``). The stage resumes
+    from its newest checkpoint (optimiser state included); a stage with a DONE marker only
+    restores the segmenter's weights and returns None. Returns the evaluation on
+    ``eval_dataset`` at the last step, or None without one.
 
     ``strategy`` (default: the current one) runs a replica step per device on its slice of
     each batch; the batch sizes are global. Models built under ``mixed_float16``
@@ -126,7 +127,7 @@ def train_segmenter(
         trackables = {"segmenter": segmenter}
         d_variables, d_optimizer = [], None
         if output_discriminator is not None:
-            num_classes = segmenter.output_shape[-1]
+            num_classes = segmenter.num_classes
             output_discriminator(tf.zeros([1, 32, 32, num_classes]))
             d_variables = output_discriminator.trainable_variables
             d_optimizer = discriminator_optimizer_factory(steps)
