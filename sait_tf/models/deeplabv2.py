@@ -240,8 +240,17 @@ class Bottleneck(keras.layers.Layer):
                 "dilation": self.dilation, "project": self.project}
 
 
-def _scaled(width: int, width_multiplier: float) -> int:
+def scaled_width(width: int, width_multiplier: float) -> int:
+    """A layer width shrunk by the ``width_multiplier`` size knob (at least 1 channel)."""
     return max(1, round(width * width_multiplier))
+
+
+def check_common_knobs(arch: str, num_classes: int, width_multiplier: float) -> None:
+    """Rejects a non-positive ``width_multiplier`` or ``num_classes`` before any layer is made."""
+    if not width_multiplier > 0:
+        raise ValueError(f"{arch}: width_multiplier must be > 0, got {width_multiplier!r}")
+    if num_classes < 1:
+        raise ValueError(f"{arch}: num_classes must be >= 1, got {num_classes!r}")
 
 
 class DeepLabV2(keras.Model):
@@ -258,20 +267,17 @@ class DeepLabV2(keras.Model):
         blocks = tuple(blocks)
         if len(blocks) != 4 or any(int(b) != b or b < 1 for b in blocks):
             raise ValueError(f"deeplabv2: blocks must be 4 positive integers, got {blocks!r}")
-        if not width_multiplier > 0:
-            raise ValueError(f"deeplabv2: width_multiplier must be > 0, got {width_multiplier!r}")
-        if num_classes < 1:
-            raise ValueError(f"deeplabv2: num_classes must be >= 1, got {num_classes!r}")
+        check_common_knobs("deeplabv2", num_classes, width_multiplier)
         kwargs.setdefault("name", "deeplabv2")
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
-        self.conv1 = _conv(_scaled(STEM_WIDTH, width_multiplier), STEM_KERNEL, "conv1", strides=2,
-                           input_scale=CAFFE_INPUT_SCALE)
+        self.conv1 = _conv(scaled_width(STEM_WIDTH, width_multiplier), STEM_KERNEL, "conv1",
+                           strides=2, input_scale=CAFFE_INPUT_SCALE)
         self.bn1 = FrozenBatchNorm(name="bn1")
         self.maxpool = MaxPool2DCeil(3, 2, padding=1, name="maxpool")
         self.blocks = [
-            Bottleneck(_scaled(planes, width_multiplier), stride=stride if block == 0 else 1,
+            Bottleneck(scaled_width(planes, width_multiplier), stride=stride if block == 0 else 1,
                        dilation=dilation, project=block == 0, name=f"layer{index}.{block}")
             for index, (count, planes, (stride, dilation)) in enumerate(
                 zip(blocks, PAPER_PLANES, LAYER_STRIDES_DILATIONS, strict=True), start=1)

@@ -16,7 +16,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sait_tf.models.deeplabv2 import CaffePreprocess, MaxPool2DCeil, zero_pad
+from sait_tf.models.deeplabv2 import (
+    CaffePreprocess,
+    MaxPool2DCeil,
+    check_common_knobs,
+    scaled_width,
+    zero_pad,
+)
 
 # (channels, convs) of the five VGG16 stages.
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -98,30 +104,25 @@ class FCN8s(keras.Model):
 
     def __init__(self, num_classes: int, width_multiplier: float = 1.0, dropout: float = 0.5,
                  **kwargs) -> None:
-        if not width_multiplier > 0:
-            raise ValueError(f"fcn8s: width_multiplier must be > 0, got {width_multiplier!r}")
+        check_common_knobs("fcn8s", num_classes, width_multiplier)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"fcn8s: dropout must be in [0, 1), got {dropout!r}")
-        if num_classes < 1:
-            raise ValueError(f"fcn8s: num_classes must be >= 1, got {num_classes!r}")
         kwargs.setdefault("name", "fcn8s")
         super().__init__(**kwargs)
         self.num_classes = num_classes
 
-        def scaled(width: int) -> int:
-            return max(1, round(width * width_multiplier))
-
         # The assignment order (the forward order) fixes the order of ``variables``, which
         # train/checkpoints.py uses as checkpoint keys: keep it so existing checkpoints restore.
         self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
-        self.vgg_convs = [_conv(scaled(channels), 3, f"conv{stage}_{index}")
+        self.vgg_convs = [_conv(scaled_width(channels, width_multiplier), 3,
+                                f"conv{stage}_{index}")
                           for stage, (channels, convs) in enumerate(VGG16_STAGES, start=1)
                           for index in range(1, convs + 1)]
         self.pools = [MaxPool2DCeil(2, 2, name=f"pool{stage}")
                       for stage in range(1, len(VGG16_STAGES) + 1)]
-        self.fc6 = _conv(scaled(FC_WIDTH), 7, "fc6")
+        self.fc6 = _conv(scaled_width(FC_WIDTH, width_multiplier), 7, "fc6")
         self.drop6 = keras.layers.SpatialDropout2D(dropout, name="drop6")
-        self.fc7 = _conv(scaled(FC_WIDTH), 1, "fc7")
+        self.fc7 = _conv(scaled_width(FC_WIDTH, width_multiplier), 1, "fc7")
         self.drop7 = keras.layers.SpatialDropout2D(dropout, name="drop7")
         self.score_fr = _score(num_classes, "score_fr")
         self.upscore2 = _upsample(num_classes, 4, 2, "upscore2")
