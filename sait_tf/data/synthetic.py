@@ -3,12 +3,12 @@
 Both domains draw their label layouts from one distribution (``sample_layout``: horizon,
 road trapezoid, sidewalks, terrain, fences or walls, buildings and trees along the horizon,
 sky, cars, persons, poles with signs or lights, a few void pixels). They differ only in
-appearance (``render``): each class has another colour and texture per domain, and the
-target adds a global tint, a vertical illumination gradient, stronger noise and a slight
-blur. Several target colours are close to the source colour of another class (target road
-looks like source sidewalk, target car like source sign...), so a segmenter trained on the
-source relies on the wrong cues, while a per-class translation recovers most of the gap
-(docs/synthetic.md has the measurements).
+appearance (``render``): the target draws every class's source colour through one camera
+response (``camera_response``: a hue turn, a gamma and white-balance gains), paints other
+textures, and adds a per-image tint, a vertical illumination gradient, stronger noise and a
+slight blur. The response moves most classes near another class's source colour, so a
+segmenter trained on the source relies on the wrong cues, while a translator that learns the
+camera's look recovers most of the gap (docs/synthetic.md has the measurements).
 
     python -m sait_tf.data.synthetic --out DIR --seed 0
 
@@ -69,23 +69,68 @@ class DomainStyle:
     blur_sigma: float
 
 
+# The source ("game") look of each class: saturated flat colours, windows on buildings.
+_SOURCE_LOOKS = {
+    ROAD: ((90, 90, 100), "flat", 0.0),
+    SIDEWALK: ((175, 150, 125), "flat", 0.0),
+    BUILDING: ((150, 80, 60), "windows", 0.25),
+    WALL: ((200, 190, 150), "flat", 0.0),
+    FENCE: ((120, 95, 55), "vstripes", 0.2),
+    POLE: ((60, 60, 60), "flat", 0.0),
+    TRAFFIC_SIGN: ((220, 40, 40), "flat", 0.0),
+    VEGETATION: ((50, 140, 50), "grain", 0.1),
+    TERRAIN: ((150, 180, 80), "flat", 0.0),
+    SKY: ((120, 180, 240), "flat", 0.0),
+    PERSON: ((205, 105, 160), "flat", 0.0),
+    CAR: ((40, 60, 180), "flat", 0.0),
+}
+# The target ("camera") textures of each class.
+_TARGET_TEXTURES = {
+    ROAD: ("grain", 0.12),
+    SIDEWALK: ("tiles", 0.15),
+    BUILDING: ("vstripes", 0.15),
+    WALL: ("grain", 0.1),
+    FENCE: ("vstripes", 0.25),
+    POLE: ("flat", 0.0),
+    TRAFFIC_SIGN: ("flat", 0.0),
+    VEGETATION: ("blotch", 0.3),
+    TERRAIN: ("grain", 0.15),
+    SKY: ("blotch", 0.06),
+    PERSON: ("flat", 0.0),
+    CAR: ("hstripes", 0.15),
+}
+# The target camera's colour response, the same for every class: hue turned about the grey
+# axis, a gamma and white-balance gains (a cool cast). docs/synthetic.md measures the gap.
+CAMERA_HUE_DEGREES = 45.0
+CAMERA_GAMMA = 1.25
+CAMERA_GAINS = (0.7, 1.0, 1.3)
+# Bumped whenever the appearance model changes, so a pair drawn by an older version is
+# recognised by ``ensure_synthetic_pair`` instead of silently reused.
+APPEARANCE_VERSION = 2
+
+
+def camera_response(rgb: tuple[int, int, int], hue_degrees: float = CAMERA_HUE_DEGREES,
+                    gamma: float = CAMERA_GAMMA,
+                    gains: tuple[float, float, float] = CAMERA_GAINS) -> tuple[int, int, int]:
+    """The target camera's rendering of a source colour (RGB 0..255 in and out).
+
+    The hue turns by ``hue_degrees`` about the grey axis (Rodrigues' rotation), then each
+    channel gets ``gamma`` and its white-balance gain; the result is clipped to 0..255.
+    """
+    angle = np.deg2rad(hue_degrees)
+    axis = np.ones(3) / np.sqrt(3.0)
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]],
+                      [-axis[1], axis[0], 0.0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
+    unit = np.clip(rotation @ (np.asarray(rgb, np.float64) / 255.0), 0.0, 1.0)
+    graded = np.clip(255.0 * unit ** gamma * np.asarray(gains), 0.0, 255.0)
+    return tuple(int(v) for v in np.round(graded))
+
+
 STYLES: dict[str, DomainStyle] = {
     # A game-like look: saturated flat colours, windows on buildings, even light, sharp edges.
     "source": DomainStyle(
-        class_looks={
-            ROAD: ((90, 90, 100), "flat", 0.0),
-            SIDEWALK: ((175, 150, 125), "flat", 0.0),
-            BUILDING: ((150, 80, 60), "windows", 0.25),
-            WALL: ((200, 190, 150), "flat", 0.0),
-            FENCE: ((120, 95, 55), "vstripes", 0.2),
-            POLE: ((60, 60, 60), "flat", 0.0),
-            TRAFFIC_SIGN: ((220, 40, 40), "flat", 0.0),
-            VEGETATION: ((50, 140, 50), "grain", 0.1),
-            TERRAIN: ((150, 180, 80), "flat", 0.0),
-            SKY: ((120, 180, 240), "flat", 0.0),
-            PERSON: ((205, 105, 160), "flat", 0.0),
-            CAR: ((40, 60, 180), "flat", 0.0),
-        },
+        class_looks=_SOURCE_LOOKS,
         colour_jitter=25.0,
         brightness=(0.8, 1.2),
         tint=(0.9, 1.1),
@@ -93,23 +138,12 @@ STYLES: dict[str, DomainStyle] = {
         noise_std=3.0,
         blur_sigma=0.0,
     ),
-    # A camera-like look with the colours moved (several onto another class's source colour),
-    # other textures, a per-image tint and vertical light gradient, more noise, a slight blur.
+    # A camera-like look: every source colour through one camera response (so several land
+    # near another class's source colour), other textures, a per-image tint and vertical
+    # light gradient, more noise, a slight blur.
     "target": DomainStyle(
-        class_looks={
-            ROAD: ((125, 115, 120), "grain", 0.12),
-            SIDEWALK: ((150, 120, 150), "tiles", 0.15),
-            BUILDING: ((120, 110, 120), "vstripes", 0.15),
-            WALL: ((150, 140, 175), "grain", 0.1),
-            FENCE: ((175, 150, 110), "vstripes", 0.25),
-            POLE: ((175, 175, 185), "flat", 0.0),
-            TRAFFIC_SIGN: ((230, 200, 40), "flat", 0.0),
-            VEGETATION: ((95, 120, 40), "blotch", 0.3),
-            TERRAIN: ((190, 150, 100), "grain", 0.15),
-            SKY: ((190, 205, 225), "blotch", 0.06),
-            PERSON: ((170, 60, 90), "flat", 0.0),
-            CAR: ((80, 40, 120), "hstripes", 0.15),
-        },
+        class_looks={label_id: (camera_response(colour), *_TARGET_TEXTURES[label_id])
+                     for label_id, (colour, _, _) in _SOURCE_LOOKS.items()},
         colour_jitter=15.0,
         brightness=(0.8, 1.15),
         tint=(0.88, 1.12),
@@ -460,7 +494,8 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
             done += 1
             progress.update(done)
     manifest = {
-        "seed": int(seed), "size": [height, width], "num_source": int(num_source),
+        "appearance_version": APPEARANCE_VERSION, "seed": int(seed), "size": [height, width],
+        "num_source": int(num_source),
         "num_target_train": int(num_target_train), "num_target_val": int(num_target_val),
         "source_root": "source", "target_root": "target",
         "source_images": source_files, "target_images": target_files,
@@ -478,9 +513,11 @@ def ensure_synthetic_pair(root: str, seed: int = 0, num_source: int = 200,
 
     Generation goes to ``root + ".tmp"`` and is renamed when complete, so an interrupted run
     never leaves a ``root`` that looks complete. An existing ``root`` made with other
-    parameters is an error (delete it or choose another root).
+    parameters, or by an older version of the appearance model (``APPEARANCE_VERSION``), is
+    an error (delete it or choose another root).
     """
-    wanted = {"seed": int(seed), "size": list(_check_size(size)), "num_source": int(num_source),
+    wanted = {"appearance_version": APPEARANCE_VERSION, "seed": int(seed),
+              "size": list(_check_size(size)), "num_source": int(num_source),
               "num_target_train": int(num_target_train), "num_target_val": int(num_target_val)}
     source_root, target_root = os.path.join(root, "source"), os.path.join(root, "target")
     manifest_path = os.path.join(root, MANIFEST_NAME)
