@@ -13,7 +13,6 @@ Trainers call ``evaluate_segmenter`` in-process. See docs/evaluation.md.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -29,8 +28,8 @@ from sait_tf.cli import parse_size
 from sait_tf.data import readers, scan
 from sait_tf.metrics import ConfusionMatrix, confusion_counts
 from sait_tf.models import build_segmenter
-from sait_tf.train import checkpoints
-from sait_tf.train.progress import Progress
+from sait_tf.runtime import checkpoints, files
+from sait_tf.runtime.progress import Progress
 
 # The network is built on this input before restoring, so every variable exists.
 _BUILD_INPUT_SHAPE = (1, 64, 64, 3)
@@ -266,16 +265,6 @@ def build_model_from_checkpoint(checkpoint: str) -> keras.Model:
     return model
 
 
-def write_json(path: str, result: dict) -> None:
-    """Writes ``result`` to ``path`` under a temporary name, then renames it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def check_flags(values: flags.FlagValues) -> None:
     """Flag problems, raised before any data is read."""
     modes = [name for name in ("pred_dir", "checkpoint", "saved_model") if values[name].value]
@@ -317,7 +306,7 @@ def run(values: flags.FlagValues) -> dict:
         else:
             result = evaluate_saved_model(values.saved_model, evaluation_dataset(examples),
                                           values.num_classes, values.color_dir)
-    write_json(values.output, result)
+    files.write_json_atomically(values.output, result)
     logging.info("mIoU%d %.2f over %d images -> %s", result["num_classes"], result["mIoU"],
                  len(examples), values.output)
     return result

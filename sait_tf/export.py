@@ -8,25 +8,22 @@ The served graphs hold only core TensorFlow ops, so stock ``tensorflow/serving``
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 
-import gin
 import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
 from sait_tf import images
 from sait_tf.models import build_segmenter
-from sait_tf.models.translator import DOMAINS, build_translator
-from sait_tf.train import checkpoints
+from sait_tf.models.translator import build_translator, translate_pixels
+from sait_tf.run_dir import RunDir
 
 SEGMENTER_NAME = "sait_segmenter"
 TRANSLATOR_NAME = "sait_translator"
 ENCODED_SIGNATURE = "predict_encoded"
-SOURCE_DOMAIN, TARGET_DOMAIN = DOMAINS
 IMAGES_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 ENCODED_SPEC = tf.TensorSpec([None], tf.string, name="image_bytes")
 
@@ -56,22 +53,6 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.map_fn(
         decode_one, image_bytes, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)
     )
-
-
-def translate_pixels(
-    translator: keras.Model, segmenter: keras.Model, pixels: tf.Tensor
-) -> tf.Tensor:
-    """uint8 source images [B, H, W, 3] -> uint8 images translated to the target domain.
-
-    x_{S->T} = G_T(E_S(x), M(x)) (paper Sec. 3.1) at the input's size: ``Translator.translate``
-    mirror-pads sides that are not multiples of ``translator.size_multiple`` and crops back.
-    """
-    pixels = tf.cast(pixels, tf.float32)
-    seg_logits = segmenter(pixels, training=False)
-    translated = translator.translate(
-        images.pixels_to_unit(pixels), seg_logits, SOURCE_DOMAIN, TARGET_DOMAIN
-    )
-    return images.to_uint8(images.unit_to_pixels(translated))
 
 
 def next_version(*model_dirs: str) -> int:
@@ -123,23 +104,12 @@ def _translator_archive(
     archive = keras.export.ExportArchive()
 
     def translate_images(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"translated": translate_pixels(translator, segmenter, pixels)}
+        """uint8 source images -> uint8 images translated to the target domain, x_{S->T}."""
+        translated = translate_pixels(segmenter, translator, tf.cast(pixels, tf.float32))
+        return {"translated": images.to_uint8(translated)}
 
     archive.add_endpoint("serving_default", translate_images, input_signature=[IMAGES_SPEC])
     return archive
-
-
-def build_translator_variables(translator: keras.Model) -> None:
-    """Runs F once in both directions so that E_S, E_T, G_S and G_T own their variables.
-
-    The first direction goes through ``__call__``, which also marks the Keras model built, as
-    ``checkpoints`` requires before restoring (``translate`` alone does not).
-    """
-    side = 4 * translator.size_multiple
-    x_unit = tf.zeros([1, side, side, 3])
-    seg_logits = tf.zeros([1, side, side, translator.num_classes])
-    translator((x_unit, seg_logits))
-    translator.translate(x_unit, seg_logits, TARGET_DOMAIN, SOURCE_DOMAIN)
 
 
 def export_models(
@@ -173,50 +143,29 @@ def export_models(
     return written
 
 
-def _read_final(run_dir: str) -> dict:
-    """RUN_DIR/final.json, checked: the stages it names must have checkpoints."""
-    path = os.path.join(run_dir, "final.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; is --run_dir a finished training run?")
-    with open(path) as f:
-        final = json.load(f)
-    if not final.get("segmenter_stage"):
-        raise ValueError(f"{path}: 'segmenter_stage' is missing")
-    for key in ("segmenter_stage", "translator_stage"):
-        stage = final.get(key)
-        stage_dir = os.path.join(run_dir, "checkpoints", stage or "")
-        if stage and tf.train.latest_checkpoint(stage_dir) is None:
-            raise FileNotFoundError(f"{path}: {key} '{stage}' has no checkpoint in {stage_dir}")
-    return final
+def export_run(run_dir: str, export_base: str | None = None, version: int | None = None,
+               segmenter: keras.Model | None = None,
+               translator: keras.Model | None = None) -> dict[str, str]:
+    """Exports the final models of a training run (default base RUN_DIR/export).
 
-
-def export_run(run_dir: str, export_base: str | None = None) -> dict[str, str]:
-    """Restores the final models of a training run and exports them (default RUN_DIR/export).
-
-    The models are built from RUN_DIR/config.gin (parsed into the global gin config, unknown
-    configurables skipped) and restored from the stages RUN_DIR/final.json names.
+    The stages RUN_DIR/final.json names are restored into ``segmenter`` and ``translator``
+    when given (the training job's own models), else into models built from RUN_DIR/config.gin
+    (parsed into the global gin config, unknown configurables skipped).
     """
-    config_path = os.path.join(run_dir, "config.gin")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist; is --run_dir a training run?")
-    final = _read_final(run_dir)
-    gin.parse_config_file(config_path, skip_unknown=True)
-    try:
-        gin.query_parameter("build_segmenter.arch")
-    except ValueError as e:
-        raise ValueError(f"{config_path} binds no build_segmenter.arch") from e
-    segmenter = build_segmenter()
-    checkpoints.restore_for_inference(
-        os.path.join(run_dir, "checkpoints", final["segmenter_stage"]), segmenter=segmenter
-    )
-    translator = None
+    run = RunDir(run_dir)
+    final = run.read_final()
+    if segmenter is None:
+        run.load_config()
+        segmenter = build_segmenter()
+    run.restore(final["segmenter_stage"], segmenter=segmenter)
     if final.get("translator_stage"):
-        translator = build_translator()
-        build_translator_variables(translator)
-        checkpoints.restore_for_inference(
-            os.path.join(run_dir, "checkpoints", final["translator_stage"]), translator=translator
-        )
-    return export_models(segmenter, translator, export_base or os.path.join(run_dir, "export"))
+        if translator is None:
+            translator = build_translator(segmenter.num_classes)
+            translator.build()
+        run.restore(final["translator_stage"], translator=translator)
+    else:
+        translator = None
+    return export_models(segmenter, translator, export_base or run.export_dir, version)
 
 
 FLAGS = flags.FLAGS

@@ -1,19 +1,19 @@
 """The one place where images change representation.
 
 Conventions: datasets yield float32 RGB in [0, 255]; the segmenter takes that range and
-applies the Caffe BGR-mean convention inside (REFERENCE.md section 2); the translator works
+applies the Caffe BGR-mean convention inside (docs/facts.md s.2, "Input of the published
+checkpoints"; liyunsheng13/BDL ``data/__init__.py``); the translator works
 in RGB [-1, 1]; labels are int32 trainIds with ``IGNORE_INDEX`` for ignored pixels.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 from sait_tf import labels
+from sait_tf.runtime import files
 
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 
@@ -54,10 +54,7 @@ def resize_logits(logits: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Te
 def write_png(path: str, image: np.ndarray | Image.Image) -> None:
     """Writes a PNG under a hidden temporary name in the same folder, then renames it over
     ``path``, so a killed process never leaves a half-written file that looks complete."""
-    folder, file_name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{file_name}.tmp")
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with files.atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")

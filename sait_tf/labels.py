@@ -1,7 +1,8 @@
 """The one label table: Cityscapes classes, GTA5 and SYNTHIA mappings, reported subsets.
 
 Every other module converts labels through the lookup tables defined here
-(REFERENCE.md section 1). Ignored pixels carry ``IGNORE_INDEX``.
+(docs/facts.md s.1, from cityscapesScripts' ``cityscapesscripts/helpers/labels.py`` and
+liyunsheng13/BDL ``data/synthia_dataset.py``). Ignored pixels carry ``IGNORE_INDEX``.
 """
 
 from __future__ import annotations

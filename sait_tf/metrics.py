@@ -1,10 +1,12 @@
 """Confusion matrix, per-class IoU and mIoU over the 19/16/13 reported classes.
 
-The numbers equal cityscapesScripts' ``evalPixelLevelSemanticLabeling`` (REFERENCE.md
-section 1): one confusion matrix over the whole split, IoU = TP / (TP + FP + FN) per class,
-mIoU = mean over the classes whose IoU is defined. Ground-truth pixels with
-``labels.IGNORE_INDEX`` are skipped; a *prediction* of ``IGNORE_INDEX`` (a void labelId in a
-result PNG) is kept as a false negative of the ground-truth class, as cityscapesScripts does.
+The numbers equal cityscapesScripts' ``evalPixelLevelSemanticLabeling``
+(``cityscapesscripts/evaluation/evalPixelLevelSemanticLabeling.py``; docs/facts.md s.1,
+"Evaluation protocol"): one confusion matrix over the whole split,
+IoU = TP / (TP + FP + FN) per class, mIoU = mean over the classes whose IoU is defined.
+Ground-truth pixels with ``labels.IGNORE_INDEX`` are skipped; a *prediction* of
+``IGNORE_INDEX`` (a void labelId in a result PNG) is kept as a false negative of the
+ground-truth class, as cityscapesScripts does.
 """
 
 from __future__ import annotations

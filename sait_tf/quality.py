@@ -16,7 +16,8 @@ import tensorflow as tf
 from absl import app, flags
 
 from sait_tf import images
-from sait_tf.train.progress import Progress
+from sait_tf.runtime import files
+from sait_tf.runtime.progress import Progress
 
 INCEPTION_SIZE = (299, 299)
 INCEPTION_WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
@@ -213,11 +214,7 @@ def main(argv: list[str]) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if values.output:
-        os.makedirs(os.path.dirname(os.path.abspath(values.output)), exist_ok=True)
-        tmp = values.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, values.output)
+        files.write_text_atomically(values.output, text + "\n")
 
 
 def _define_flags() -> None:

@@ -1,4 +1,4 @@
-"""The picture a run ends with: source, its translation, a target image, M's prediction, truth.
+"""Pictures people look at: M's prediction grids (TensorBoard) and the run's overview.png.
 
 ``RUN_DIR/overview.png`` (written by the pipeline after export) has one row per example:
 source image | F's translation of it (from the translated set on disk) | target-val image |
@@ -12,11 +12,12 @@ from collections.abc import Iterable, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
+from sait_tf import images
 from sait_tf.data import readers
-from sait_tf.train.segmentation import prediction_grids
-from sait_tf.translate import output_paths
+from sait_tf.data.translated_set import output_paths
 
 GAP = 2  # white pixels between cells
 
@@ -36,6 +37,25 @@ def _spaced(cells: Sequence[np.ndarray], axis: int) -> np.ndarray:
     gap = np.full(shape, 255, np.uint8)
     parts = [part for cell in cells for part in (cell, gap)][:-1]
     return np.concatenate(parts, axis=axis)
+
+
+def prediction_grids(segmenter: keras.Model, batches: list[dict]) -> tf.Tensor:
+    """uint8 [N, H, 3W, 3]: image | colourised prediction | colourised ground truth.
+
+    One row per batch (its first example) at the label's size; rows of other sizes are
+    resized to the first one's.
+    """
+    rows = []
+    for batch in batches:
+        image, label = batch["image"][:1], batch["label"][:1]
+        size = tf.shape(label)[1:3]
+        logits = images.resize_logits(segmenter(image, training=False), size)
+        prediction = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        picture = images.to_uint8(tf.image.resize(image, size, method="bilinear"))
+        rows.append(tf.concat([picture, images.colorize(prediction), images.colorize(label)],
+                              axis=2)[0])
+    grid_size = tf.shape(rows[0])[:2]
+    return tf.stack([tf.image.resize(row, grid_size, method="nearest") for row in rows])
 
 
 def overview_grid(segmenter: keras.Model, source_examples: Sequence[readers.Example],

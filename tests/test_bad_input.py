@@ -196,12 +196,12 @@ def _init_weights_of_another_class_count(case_dir, pair):
 
 def _run_checkpoint_of_another_class_count(case_dir, pair):
     """A run directory whose finished source-only stage has 19 classes, resumed with 5."""
-    from sait_tf.train import checkpoints
+    from sait_tf.runtime import checkpoints, files
 
     stage_dir = os.path.join(case_dir, "run", "checkpoints", "source_only")
     segmenter = _tiny_segmenter("deeplabv2", labels.NUM_CLASSES, **TINY_DEEPLAB)
     checkpoints.StageCheckpoint(stage_dir, segmenter=segmenter).save(1)
-    checkpoints.mark_stage_done(stage_dir)
+    files.mark_done(stage_dir)
     launch = _train(case_dir, pair, (os.path.join(stage_dir, "ckpt-1"), "does not fit",
                                      "another architecture, class count"),
                     "build_segmenter.num_classes = 5")

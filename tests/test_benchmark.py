@@ -8,6 +8,7 @@ import keras
 import pytest
 import tensorflow as tf
 
+from sait_tf.runtime import files
 from sait_tf.tools import benchmark
 
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
@@ -83,7 +84,8 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     config = benchmark.BenchmarkConfig(
         model="deeplabv2", height=32, width=64, batch=2, steps=3, warmup=1, torch=True,
         segmenter_knobs=TINY_DEEPLAB, matmul_size=256, pipeline_batches=3)
-    benchmark.write_json(benchmark.run_benchmark(config, str(tmp_path)), str(tmp_path / "r.json"))
+    result = benchmark.run_benchmark(config, str(tmp_path))
+    files.write_json_atomically(str(tmp_path / "r.json"), result)
     with open(tmp_path / "r.json") as f:
         result = json.load(f)
     for key in (*benchmark.REQUIRED_KEYS, "torch_train_step_s", "train_step_over_torch"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sait_tf.train import checkpoints
+from sait_tf.runtime import checkpoints, files
 
 
 class _SumOfBranches(keras.layers.Layer):
@@ -61,9 +61,9 @@ def test_restore_for_inference_takes_only_the_named_model(tmp_path):
 
 def test_stage_done_marker(tmp_path):
     stage = str(tmp_path / "stage")
-    assert not checkpoints.is_stage_done(stage)
-    checkpoints.mark_stage_done(stage)
-    assert checkpoints.is_stage_done(stage)
+    assert not files.is_done(stage)
+    files.mark_done(stage)
+    assert files.is_done(stage)
 
 
 def test_restoring_into_a_model_of_other_shape_fails(tmp_path):

@@ -9,10 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch_reference  # noqa: E402
-
 from sait_tf.models import build_segmenter  # noqa: E402
-from sait_tf.tools import convert_torch  # noqa: E402
+from sait_tf.tools import convert_torch, torch_reference  # noqa: E402
 
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 ODD_SIZE = (65, 97)

@@ -42,8 +42,8 @@ def _config(tmp_path) -> str:
     generate_pair(pair, num_source=NUM_SOURCE, num_target_train=NUM_TARGET_TRAIN,
                   num_target_val=NUM_TARGET_VAL, size=SIZE)
     return write_demo_config(tmp_path / "tiny.gin", pair, f"""
-run_pipeline.source_resize = {TRANSLATED_SIZE}
-run_pipeline.source_crop = {SIZE}
+source_domain.resize = {TRANSLATED_SIZE}
+source_domain.crop = {SIZE}
 run_pipeline.translator_crop = {SIZE}
 run_pipeline.batch_size = 2
 run_pipeline.translator_batch_size = 1
@@ -222,7 +222,7 @@ def test_a_save_killed_halfway_leaves_nothing_behind(tmp_path):
     """TensorFlow's temporaries of a killed save are removed; the last complete one restores."""
     import keras
 
-    from sait_tf.train import checkpoints
+    from sait_tf.runtime import checkpoints
 
     stage_dir = str(tmp_path / "stage")
     model = keras.Sequential([keras.layers.Dense(2)])

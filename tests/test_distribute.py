@@ -12,8 +12,9 @@ from tiny_models import HEIGHT, NUM_CLASSES, WIDTH, segmentation_batch, tiny_tra
 
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import OutputDiscriminator
-from sait_tf.models.translator import SpectralNormalization
-from sait_tf.train import checkpoints, distribute, optimizers
+from sait_tf.models.layers import SpectralNormalization
+from sait_tf.runtime import checkpoints
+from sait_tf.train import distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS, TranslationStep
 
@@ -105,13 +106,13 @@ def _translation_step(strategy: tf.distribute.Strategy) -> TranslationStep:
 
 def test_translation_step_mirrored_equals_single_device(mirrored):
     rng = np.random.default_rng(0)
-    batch = tuple(rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32) for _ in DOMAINS)
+    batch = {d: rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32) for d in DOMAINS}
     steps = {}
     for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
         step = _translation_step(strategy)
         inputs = next(iter(strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensors(batch))))
-        strategy.run(step.replica_step, args=inputs)  # eager: no tracing, faster here
+        strategy.run(step.replica_step, args=(inputs,))  # eager: no tracing, faster here
         steps[name] = step
 
     def variables(step: TranslationStep) -> list:

@@ -16,7 +16,7 @@ from train_configs import REPO, SOURCE_ONLY_RUN, write_demo_config
 
 from sait_tf.data.synthetic import generate_pair
 from sait_tf.models import build_segmenter
-from sait_tf.train import checkpoints
+from sait_tf.runtime import checkpoints, files
 from sait_tf.train.optimizers import adam_optimizer
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.step_guard import DivergenceError
@@ -103,7 +103,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_stage(tmp_path, max_consecut
     assert checkpoints.restore_for_inference(stage_dir, segmenter=restored).endswith("ckpt-4")
     for value, good in zip(restored.variables, after_good_steps, strict=True):
         np.testing.assert_array_equal(value.numpy(), good)
-    assert not checkpoints.is_stage_done(stage_dir)
+    assert not files.is_done(stage_dir)
 
 
 def test_the_main_job_stops_with_one_clear_line(tmp_path):
@@ -128,6 +128,6 @@ def test_the_main_job_stops_with_one_clear_line(tmp_path):
                             "to step 3; stopped. The last good checkpoint is kept"), error
     stage_dir = str(run_dir / "checkpoints" / "source_only")
     assert tf.train.latest_checkpoint(stage_dir).endswith("ckpt-2")
-    assert not checkpoints.is_stage_done(stage_dir)
+    assert not files.is_done(stage_dir)
     assert _scalars(str(run_dir / "logs" / "source_only"), "skipped_steps/segmenter") == {
         1: 0.0, 2: 1.0, 3: 2.0}

@@ -18,7 +18,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from sait_tf import export, labels
 from sait_tf.models import build_segmenter
 from sait_tf.models.translator import build_translator
-from sait_tf.train.checkpoints import StageCheckpoint
+from sait_tf.runtime.checkpoints import StageCheckpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SEGMENTER = {"arch": "deeplabv2", "blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
@@ -83,8 +83,8 @@ def non_core_ops(saved_model_dir: str) -> set[str]:
 def models():
     keras.utils.set_random_seed(0)
     segmenter = trained_tiny_segmenter()
-    translator = build_translator(**TINY_TRANSLATOR)
-    export.build_translator_variables(translator)
+    translator = build_translator(segmenter.num_classes, **TINY_TRANSLATOR)
+    translator.build()
     return segmenter, translator
 
 

@@ -9,8 +9,9 @@ from tiny_models import NUM_CLASSES, segmentation_batch, tiny_translation_step
 
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import OutputDiscriminator
-from sait_tf.models.translator import SpectralNormalization
-from sait_tf.train import checkpoints, distribute, optimizers
+from sait_tf.models.layers import SpectralNormalization
+from sait_tf.runtime import files
+from sait_tf.train import distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS
 
@@ -96,9 +97,9 @@ def test_translation_step_is_finite_in_mixed_precision(policy):
     assert translator.compute_dtype == COMPUTE_DTYPES[policy]
     before = [v.numpy() for v in step.generator_variables if v.path.endswith("bias")]
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
-    results = step.replica_step(pixels, pixels[::-1])
-    assert bool(results["generator_applied"]) and bool(results["discriminator_applied"])
-    for name in ("generator", "discriminator", "sce", "gan"):
+    results = step.replica_step({"source": pixels, "target": pixels[::-1]})
+    assert bool(results["translator_applied"]) and bool(results["discriminators_applied"])
+    for name in ("translator", "discriminators", "sce", "gan"):
         assert results[name].dtype == tf.float32 and np.isfinite(results[name].numpy()), name
     every = translator.variables + [v for d in DOMAINS for v in discriminators[d].variables]
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()).all() for v in every)
@@ -159,7 +160,7 @@ def test_segmenter_steps_are_finite_in_mixed_precision(policy, tmp_path):
     stored = [name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(stage))
               if name.startswith("segmenter_optimizer_all/")]
     assert len(stored) == len(expected.variables)
-    assert checkpoints.is_stage_done(stage)
+    assert files.is_done(stage)
 
 
 def test_segmenter_step_compiles_with_xla(tmp_path):
@@ -195,7 +196,7 @@ def test_translation_step_compiles_with_xla():
         pixels = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
         run = tf.function(step.replica_step, autograph=False, jit_compile=True) if jit_compile \
             else step.replica_step
-        run(pixels, pixels[::-1])
+        run({"source": pixels, "target": pixels[::-1]})
         results[jit_compile] = [v.numpy() for v in step.translator.variables]
     for compiled, plain in zip(results[True], results[False], strict=True):
         np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from sait_tf.data import readers
-from sait_tf.train import checkpoints
+from sait_tf.runtime import files
 from sait_tf.train import pseudo_labels as pl
 
 
@@ -91,7 +91,7 @@ def test_generate_writes_exact_labels_and_resumes(tmp_path):
     images = [np.asarray(Image.open(ex.image)) for ex in examples]
     for example, image in zip(examples, images, strict=True):
         np.testing.assert_array_equal(_read(out_dir, example), _reference(image, False, images))
-    assert checkpoints.is_stage_done(out_dir)
+    assert files.is_done(out_dir)
     assert {ex.name for ex in readers.list_examples(
         "cityscapes", str(tmp_path / "cityscapes"), "train", labels_from=out_dir)} == {
             ex.name for ex in examples}

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sait_tf.train import checkpoints, optimizers
+from sait_tf.runtime import checkpoints, files
+from sait_tf.train import optimizers, step_guard
 from sait_tf.train import segmentation as seg
 
 NUM_CLASSES = 4
@@ -72,7 +73,7 @@ def test_source_only_loss_decreases_on_a_fixed_batch(tmp_path):
                                                              batch["label"]))
     assert np.isfinite(loss_after)
     assert loss_after < 0.8 * loss_before
-    assert checkpoints.is_stage_done(str(tmp_path / "source_only"))
+    assert files.is_done(str(tmp_path / "source_only"))
     assert tf.io.gfile.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
 
 
@@ -92,7 +93,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _adaptation_run(tmp_path, "killed", 6, _segmenter(), _discriminator(),
                         checkpoint_every=3)
-    assert not checkpoints.is_stage_done(str(tmp_path / "killed"))
+    assert not files.is_done(str(tmp_path / "killed"))
     monkeypatch.setattr(checkpoints.StageCheckpoint, "save", real_save)
 
     # A new process: fresh models with other weights, restored from the step-3 checkpoint.
@@ -112,7 +113,7 @@ def test_done_stage_returns_at_once_with_the_trained_weights(tmp_path, monkeypat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished stage must not train again")
 
-    monkeypatch.setattr(seg.step_guard, "apply_if_finite", no_training)
+    monkeypatch.setattr(step_guard, "apply_if_finite", no_training)
     fresh = _segmenter(seed=5)
     result = seg.train_segmenter(fresh, stage, str(tmp_path / "logs"), 3,
                                  source_dataset=_fixed_batch(1), optimizer_factory=_sgd)

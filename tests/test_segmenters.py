@@ -12,8 +12,8 @@ import tensorflow as tf
 
 from sait_tf import losses
 from sait_tf.models import build_segmenter
-from sait_tf.models.deeplabv2 import MaxPool2DCeil
-from sait_tf.models.discriminators import OutputDiscriminator
+from sait_tf.models.discriminators import build_output_discriminator
+from sait_tf.models.layers import MaxPool2DCeil
 
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 TINY_FCN = {"width_multiplier": 0.0625}
@@ -67,7 +67,7 @@ def test_deeplabv2_classifier_contract_and_frozen_bn():
 
 
 def test_variable_order_is_kept_for_checkpoints():
-    """train/checkpoints.py keys variables by position, so their order must never change."""
+    """runtime/checkpoints.py keys variables by position, so their order must never change."""
     model = build_segmenter("deeplabv2", 3, **TINY_DEEPLAB)
     bn = ["gamma", "beta", "moving_mean", "moving_variance"]
     expected = ["conv1/kernel", *(f"bn1/{w}" for w in bn), "conv2/kernel",
@@ -177,15 +177,25 @@ def test_tiny_frozen_bn_deeplabv2_learns_from_scratch():
     assert history[-1] < 0.1 * history[0]
 
 
+def test_output_discriminator_width_binds_through_gin():
+    assert build_output_discriminator().width == 64
+    try:
+        gin.parse_config("build_output_discriminator.width = 8")
+        discriminator = build_output_discriminator()
+    finally:
+        gin.clear_config()
+    assert discriminator.width == 8
+
+
 def test_output_discriminator_shape_and_pytorch_parity():
-    discriminator = OutputDiscriminator(width=8)
+    discriminator = build_output_discriminator(width=8)
     probabilities = tf.nn.softmax(tf.random.normal((2, 65, 97, 19)))
     logits = discriminator(probabilities)
     assert logits.shape == (2, 2, 3, 1)  # 65 -> 32 -> 16 -> 8 -> 4 -> 2; 97 -> ... -> 3
     assert [conv.filters for conv in discriminator.convs] == [8, 16, 32, 64, 1]
 
     torch = pytest.importorskip("torch")
-    import torch_reference
+    from sait_tf.tools import torch_reference
 
     reference = torch_reference.randomize_(torch_reference.OutputDiscriminator(19, width=8), 5)
     modules = [reference.conv1, reference.conv2, reference.conv3, reference.conv4,

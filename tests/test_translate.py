@@ -13,9 +13,10 @@ import tensorflow as tf
 from PIL import Image
 
 from sait_tf import images, labels, translate
-from sait_tf.data import readers
+from sait_tf.data import readers, translated_set
 from sait_tf.models.translator import build_translator
-from sait_tf.train import checkpoints
+from sait_tf.run_dir import RunDir, guide_stage, translator_stage
+from sait_tf.runtime import checkpoints, files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +97,7 @@ def test_cityscapes_names_become_subfolders(tmp_path):
     examples = readers.list_examples("cityscapes", source, "train")
     translate.translate_dataset(invert, examples, out)
     for example, want in zip(examples, expected_ids, strict=True):
-        image_path, label_path = translate.output_paths(out, example.name)
+        image_path, label_path = translated_set.output_paths(out, example.name)
         assert image_path == f"{out}/images/{example.name}.png" and "/" in example.name
         np.testing.assert_array_equal(_read_rgb(image_path), 255 - _read_rgb(example.image))
         np.testing.assert_array_equal(readers.read_train_ids(label_path, "gta5"), want)
@@ -109,18 +110,20 @@ def test_a_killed_run_resumes_with_only_the_missing_examples(tmp_path):
     first = CountingTranslation(fail_after=2)
     with pytest.raises(RuntimeError, match="killed"):
         translate.translate_dataset(first, examples, out)
-    assert not checkpoints.is_stage_done(out)
-    assert [translate.is_translated(out, ex.name) for ex in examples] == [True, True] + [False] * 3
+    assert not files.is_done(out)
+    written = [translated_set.is_translated(out, ex.name) for ex in examples]
+    assert written == [True, True] + [False] * 3
     # What a kill during writing leaves: a temporary file, and an image without its label.
     with open(f"{out}/images/.00003.png.tmp", "wb") as f:
         f.write(b"\x89PNG truncated")
     Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(f"{out}/images/00004.png")
-    assert not translate.is_translated(out, "00003") and not translate.is_translated(out, "00004")
+    assert not translated_set.is_translated(out, "00003")
+    assert not translated_set.is_translated(out, "00004")
 
     second = CountingTranslation()
     assert translate.translate_dataset(second, examples, out) == 3
     assert second.calls == 3
-    assert checkpoints.is_stage_done(out)
+    assert files.is_done(out)
     assert not [name for name in _all_files(out) if name.endswith(".tmp")]
     for example in examples:
         np.testing.assert_array_equal(_read_rgb(f"{out}/images/{example.name}.png"),
@@ -142,19 +145,21 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="returned shape"):
         translate.translate_dataset(lambda x: x[:, :8], examples, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="would leave"):
-        translate.output_paths(str(tmp_path), "../escape")
+        translated_set.output_paths(str(tmp_path), "../escape")
 
 
 def test_stage_names_follow_the_rounds():
-    assert translate.stage_names(1) == ("source_only", "round_01_translator")
-    assert translate.stage_names(3) == ("round_02_segmenter", "round_03_translator")
-    with pytest.raises(ValueError, match="--round"):
-        translate.stage_names(0)
+    assert (guide_stage(1), translator_stage(1)) == (
+        "source_only", "round_01_translator")
+    assert (guide_stage(3), translator_stage(3)) == (
+        "round_02_segmenter", "round_03_translator")
+    with pytest.raises(ValueError, match="rounds are numbered from 1"):
+        guide_stage(0)
 
 
 def _tiny_models(residual_norm="spade"):
     segmenter = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(19, 1)])
-    translator = build_translator(dim=4, num_downsamplings=1, num_residual_blocks=1,
+    translator = build_translator(19, dim=4, num_downsamplings=1, num_residual_blocks=1,
                                   spade_hidden=4, residual_norm=residual_norm)
     return segmenter, translator
 
@@ -194,14 +199,13 @@ build_translator.dim = 4
 build_translator.num_downsamplings = 1
 build_translator.num_residual_blocks = 1
 build_translator.spade_hidden = 4
-run_pipeline.source_resize = (16, 24)
 unknown_configurable.value = 1
 """
 
 
 def test_command_line_restores_the_round_and_translates_at_the_run_size(tmp_path):
     """A run directory with round 2's F and round 1's M: the CLI output equals in-process
-    translation with the same weights, at the run's run_pipeline.source_resize."""
+    translation with the same weights, at the source size the run recorded in run.json."""
     from sait_tf.models import build_segmenter
 
     run_dir, source, out = (str(tmp_path / d) for d in ("run", "gta5", "out"))
@@ -209,9 +213,11 @@ def test_command_line_restores_the_round_and_translates_at_the_run_size(tmp_path
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
         f.write(RUN_CONFIG)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        f.write('{"source": {"resize": [16, 24]}}')
     segmenter = build_segmenter("fcn8s", width_multiplier=0.03125)
-    translator = build_translator(dim=4, num_downsamplings=1, num_residual_blocks=1,
-                                  spade_hidden=4)
+    translator = build_translator(segmenter.num_classes, dim=4, num_downsamplings=1,
+                                  num_residual_blocks=1, spade_hidden=4)
     translator.build()
     translate_fn = translate.make_translate_fn(segmenter, translator)
     examples = readers.list_examples("gta5", source)
@@ -221,7 +227,7 @@ def test_command_line_restores_the_round_and_translates_at_the_run_size(tmp_path
                               ("round_02_translator", {"translator": translator})):
         stage_dir = os.path.join(run_dir, "checkpoints", stage)
         checkpoints.StageCheckpoint(stage_dir, **trackables).save(7)
-        checkpoints.mark_stage_done(stage_dir)
+        files.mark_done(stage_dir)
 
     command = [sys.executable, "-m", "sait_tf.translate", f"--run_dir={run_dir}", "--round=2",
                "--source_dataset=gta5", f"--source_root={source}", f"--out={out}"]
@@ -231,12 +237,12 @@ def test_command_line_restores_the_round_and_translates_at_the_run_size(tmp_path
         got = _read_rgb(f"{out}/images/{example.name}.png")
         assert got.shape == (16, 24, 3)
         np.testing.assert_allclose(got, want, atol=1)
-    assert checkpoints.is_stage_done(out)
+    assert files.is_done(out)
 
 
 def test_unfinished_stages_are_reported_before_any_model_is_built(tmp_path):
-    checkpoints.mark_stage_done(str(tmp_path / "checkpoints" / "source_only"))
+    files.mark_done(str(tmp_path / "checkpoints" / "source_only"))
     with pytest.raises(FileNotFoundError, match="round_01_translator"):
         translate.restore_models(str(tmp_path), 1)
     with pytest.raises(FileNotFoundError, match="has no config.gin"):
-        translate.load_run_config(str(tmp_path))
+        RunDir(str(tmp_path)).load_config()

@@ -11,9 +11,9 @@ import tensorflow as tf
 from sait_tf import images, labels
 from sait_tf.data import synthetic
 from sait_tf.models import build_segmenter
-from sait_tf.models.patch_discriminator import build_patch_discriminator
+from sait_tf.models.discriminators import build_patch_discriminator
 from sait_tf.models.translator import build_translator
-from sait_tf.train import checkpoints
+from sait_tf.runtime import checkpoints, files
 from sait_tf.train.translation import DOMAINS, TranslationStep, train_translator
 
 pytestmark = pytest.mark.usefixtures("skip_grappler")
@@ -22,7 +22,7 @@ NUM_CLASSES = 3
 SIZE = 16
 STEPS = 4
 LOSS_TAGS = {f"loss/{name}" for name in ("reconstruction", "gan", "image_cycle", "latent_cycle",
-                                         "sce", "generator", "discriminator")}
+                                         "sce", "translator", "discriminators")}
 
 
 
@@ -94,7 +94,7 @@ def _events(log_dir: str) -> dict[str, dict[int, np.ndarray]]:
 
 def test_trainer_writes_checkpoints_and_marks_the_stage_done(continuous):
     stage = os.path.join(continuous["root"], "stage")
-    assert checkpoints.is_stage_done(stage)
+    assert files.is_done(stage)
     assert tf.train.latest_checkpoint(stage).endswith("ckpt-4")
     assert os.path.exists(os.path.join(stage, "ckpt-2.index"))
 
@@ -142,7 +142,7 @@ def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
     with pytest.raises(_Interrupted, match="ckpt-2"):
         _train(stage, logs, segmenter, *_models(segmenter), log_images_every=STEPS)
     monkeypatch.setattr(checkpoints.StageCheckpoint, "save", save)
-    assert not checkpoints.is_stage_done(stage)
+    assert not files.is_done(stage)
 
     _train(stage, logs, segmenter, *_models(segmenter), log_images_every=STEPS)
     resumed = tf.train.latest_checkpoint(stage)
@@ -183,7 +183,7 @@ def test_sce_gradient_reaches_the_translator_through_the_frozen_segmenter(use_sc
     before = [v.numpy() for v in watched]
     segmenter_before = [v.numpy() for v in segmenter.variables]
     pixels = next(iter(_dataset(0)))["image"]
-    terms = step.replica_step(pixels, pixels[::-1])
+    terms = step.replica_step({"source": pixels, "target": pixels[::-1]})
     assert ("sce" in terms) == use_sce
     moved = [not np.array_equal(b, v.numpy()) for b, v in zip(before, watched, strict=True)]
     assert any(moved) == use_sce
@@ -227,7 +227,8 @@ def test_translation_moves_source_colours_toward_the_target_on_the_synthetic_pai
 
     def demo_translator() -> keras.Model:
         keras.utils.set_random_seed(0)
-        return build_translator(dim=16, num_residual_blocks=2, spade_hidden=32)
+        return build_translator(segmenter.num_classes, dim=16, num_residual_blocks=2,
+                                spade_hidden=32)
 
     def translate(translator: keras.Model) -> np.ndarray:
         return np.concatenate([images.unit_to_pixels(translator.translate(

@@ -1,18 +1,23 @@
 """Translator F and its discriminators: SPADE, LayerNormCHW, spectral norm, shapes, switches."""
 
+import gin
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from sait_tf.models.patch_discriminator import build_patch_discriminator, downsample
+from sait_tf import images
+from sait_tf.models.discriminators import build_patch_discriminator, downsample
+from sait_tf.models.layers import spectral_conv
 from sait_tf.models.translator import (
     SPADE,
     LayerNormCHW,
     build_translator,
-    spectral_conv,
+    translate_pixels,
 )
 
-TINY = dict(num_classes=3, dim=4, num_downsamplings=2, num_residual_blocks=1, spade_hidden=4)
+NUM_CLASSES = 3
+TINY = dict(dim=4, num_downsamplings=2, num_residual_blocks=1, spade_hidden=4)
 
 
 def _two_region_logits(left_class: int, right_class: int, size: int = 16,
@@ -112,7 +117,7 @@ def test_spectral_norm_normalises_in_training_and_inference_uses_the_normalised_
 
 
 def test_translator_training_calls_run_the_power_iteration():
-    translator = build_translator(**TINY)
+    translator = build_translator(NUM_CLASSES, **TINY)
     x = tf.random.uniform([1, 16, 16, 3], -1.0, 1.0)
     seg = tf.random.normal([1, 2, 2, 3])
     translator.translate(x, seg, "source", "target")
@@ -133,14 +138,14 @@ def test_translator_training_calls_run_the_power_iteration():
 def test_in_residual_norm_has_no_spade_and_ignores_the_logits():
     x = tf.random.uniform([1, 16, 16, 3], -1.0, 1.0)
     seg_a, seg_b = tf.random.normal([1, 4, 4, 3]), tf.random.normal([1, 4, 4, 3])
-    plain = build_translator(**{**TINY, "residual_norm": "in"})
+    plain = build_translator(NUM_CLASSES, **TINY, residual_norm="in")
     out_a = plain.translate(x, seg_a, "source", "target")
     assert not plain.conditioned
     assert not [v.path for v in plain.variables if "spade" in v.path]
     np.testing.assert_array_equal(out_a.numpy(),
                                   plain.translate(x, seg_b, "source", "target").numpy())
 
-    guided = build_translator(**TINY)
+    guided = build_translator(NUM_CLASSES, **TINY)
     out_a = guided.translate(x, seg_a, "source", "target")
     assert [v.path for v in guided.variables if "spade" in v.path]
     assert np.abs(out_a - guided.translate(x, seg_b, "source", "target")).max() > 1e-4
@@ -148,12 +153,91 @@ def test_in_residual_norm_has_no_spade_and_ignores_the_logits():
 
 def test_unknown_residual_norm_names_the_parameter():
     with pytest.raises(ValueError, match="residual_norm"):
-        build_translator(**{**TINY, "residual_norm": "batch"})
+        build_translator(NUM_CLASSES, **TINY, residual_norm="batch")
+
+
+def test_num_classes_comes_from_the_segmenter_not_from_gin():
+    try:
+        with pytest.raises(ValueError, match="num_classes"):
+            gin.parse_config("build_translator.num_classes = 3")
+    finally:
+        gin.clear_config()
+    with pytest.raises(TypeError, match="num_classes"):
+        build_translator(**TINY)
+
+
+def _build_by_two_calls(translator: keras.Model) -> None:
+    """How F used to be built before a restore: a source -> target call (which marks the
+    model built), then a target -> source translation."""
+    side = 4 * translator.size_multiple
+    x_unit = tf.zeros([1, side, side, 3])
+    seg_logits = tf.zeros([1, side, side, translator.num_classes])
+    translator((x_unit, seg_logits))
+    translator.translate(x_unit, seg_logits, "target", "source")
+
+
+def test_build_creates_all_four_networks_in_the_old_checkpoint_order():
+    translator = build_translator(19, **TINY)
+    translator.build()
+    assert translator.built
+    for network in (translator.source_encoder, translator.target_encoder,
+                    translator.source_generator, translator.target_generator):
+        assert network.variables, network.name
+
+    old = build_translator(19, **TINY)
+    _build_by_two_calls(old)
+    assert ([tuple(v.shape) for v in translator.variables]
+            == [tuple(v.shape) for v in old.variables])
+    # Checkpoints key variables by position: with old's values copied by position, F must
+    # translate exactly as old in both directions.
+    for variable, old_variable in zip(translator.variables, old.variables, strict=True):
+        variable.assign(old_variable)
+    x = tf.random.uniform([1, 16, 16, 3], -1.0, 1.0)
+    seg = tf.random.normal([1, 4, 4, 19])
+    for domains in (("source", "target"), ("target", "source")):
+        np.testing.assert_array_equal(translator.translate(x, seg, *domains).numpy(),
+                                      old.translate(x, seg, *domains).numpy())
+
+
+def test_translate_pixels_guides_f_on_unit_images_with_m_on_pixels():
+    conv = keras.layers.Conv2D(NUM_CLASSES, 3, strides=2, padding="same")
+    m_training_flags = []
+
+    def segmenter(pixels: tf.Tensor, training: bool) -> tf.Tensor:
+        m_training_flags.append(training)
+        return conv(pixels / 127.5 - 1.0)
+
+    translator = build_translator(NUM_CLASSES, **TINY)
+    pixels = tf.random.uniform([2, 13, 18, 3], 0.0, 255.0, seed=1)
+    for domains in (("source", "target"), ("target", "source")):
+        got = translate_pixels(segmenter, translator, pixels, *domains)
+        expected = images.unit_to_pixels(translator.translate(
+            images.pixels_to_unit(pixels), segmenter(pixels, False), *domains))
+        assert got.shape == pixels.shape and got.dtype == tf.float32
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4)
+
+    # ``training`` reaches F (its spectral norms update) while M stays in inference mode.
+    u_before = translator.source_encoder.stem.conv.vector_u.numpy()
+    translate_pixels(segmenter, translator, pixels, training=True)
+    assert m_training_flags[-1] is False
+    assert not np.array_equal(u_before, translator.source_encoder.stem.conv.vector_u.numpy())
+
+
+def test_translate_pixels_of_an_unguided_translator_does_not_call_m():
+    def segmenter(pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
+        raise AssertionError("M must not run for an IN translator")
+
+    translator = build_translator(NUM_CLASSES, **TINY, residual_norm="in")
+    pixels = tf.random.uniform([1, 8, 8, 3], 0.0, 255.0, seed=2)
+    expected = images.unit_to_pixels(translator.translate(
+        images.pixels_to_unit(pixels), None, "source", "target"))
+    np.testing.assert_array_equal(translate_pixels(segmenter, translator, pixels).numpy(),
+                                  expected.numpy())
 
 
 @pytest.mark.parametrize("size", [(16, 24), (37, 29), (18, 21)])
 def test_translation_keeps_the_input_size(size):
-    translator = build_translator(**TINY)
+    translator = build_translator(NUM_CLASSES, **TINY)
     x = tf.random.uniform([2, *size, 3], -1.0, 1.0)
     seg = tf.random.normal([2, 5, 4, 3])
     z = translator.encode(x, "source")
@@ -167,7 +251,7 @@ def test_translation_keeps_the_input_size(size):
 
 
 def test_odd_sizes_are_translated_as_the_mirror_padded_image():
-    translator = build_translator(**TINY)
+    translator = build_translator(NUM_CLASSES, **TINY)
     x = tf.random.uniform([1, 13, 11, 3], -1.0, 1.0)
     seg = tf.random.normal([1, 13, 11, 3])
     padded_x = tf.pad(x, [[0, 0], [0, 3], [0, 1], [0, 0]], mode="REFLECT")
@@ -178,7 +262,7 @@ def test_odd_sizes_are_translated_as_the_mirror_padded_image():
 
 
 def test_checkpoints_hold_every_variable(tmp_path):
-    translator = build_translator(**TINY)
+    translator = build_translator(NUM_CLASSES, **TINY)
     translator.translate(tf.zeros([1, 16, 16, 3]), tf.zeros([1, 2, 2, 3]), "source", "target")
     discriminator = build_patch_discriminator(dim=4, num_layers=2, num_scales=2)
     discriminator(tf.zeros([1, 16, 16, 3]))

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from sait_tf import labels
-from sait_tf.models.patch_discriminator import build_patch_discriminator
+from sait_tf.models.discriminators import build_patch_discriminator
 from sait_tf.models.translator import build_translator
 from sait_tf.train.translation import DOMAINS, TranslationStep
 

@@ -15,7 +15,7 @@ SOURCE_ONLY_RUN = (
 )
 # F, D_S, D_T and M's output discriminator at a few channels.
 TINY_TRANSLATOR_AND_DISCRIMINATORS = (
-    "run_pipeline.output_discriminator_width = 4",
+    "build_output_discriminator.width = 4",
     "build_translator.dim = 8",
     "build_translator.num_residual_blocks = 1",
     "build_translator.spade_hidden = 8",

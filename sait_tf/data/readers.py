@@ -1,6 +1,6 @@
 """Dataset readers: list the examples of GTA5, SYNTHIA and Cityscapes trees, build tf.data.
 
-Layouts (REFERENCE.md section 1):
+Layouts (docs/facts.md s.1, "Layouts on disk"):
   gta5        ROOT/images/NAME.png, ROOT/labels/NAME.png (palette PNG, index = labelId)
   synthia     ROOT/RGB/NAME.png, ROOT/GT/LABELS/NAME.png (16-bit, class id in channel 0)
   cityscapes  ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png,
@@ -57,7 +57,6 @@ class Example(NamedTuple):
     label_format: str
 
 
-@gin.configurable
 def list_examples(dataset: str, root: str, split: str = "train", list_file: str | None = None,
                   labels_from: str | None = None) -> list[Example]:
     """Lists the examples of ``dataset`` under ``root``, sorted by name.
@@ -299,7 +298,7 @@ def _random_crop(image: tf.Tensor, label: tf.Tensor | None, crop: tuple[int, int
     return image, label
 
 
-@gin.configurable(denylist=["examples"])
+@gin.configurable(allowlist=["image_resize_method", "num_parallel_calls"])
 def make_dataset(examples: Sequence[Example], *, resize: tuple[int, int] | None = None,
                  crop: tuple[int, int] | None = None, flip: bool = False, shuffle: bool = False,
                  repeat: bool = False, batch_size: int = 1, seed: int | None = None,

@@ -28,7 +28,7 @@ from PIL import Image
 
 from sait_tf import labels
 from sait_tf.data import readers
-from sait_tf.train.progress import Progress
+from sait_tf.runtime.progress import Progress
 
 DEFAULT_MAX_DECODE = 32
 
@@ -186,7 +186,7 @@ def _sample(count: int, max_decode: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()}) if limit else []
 
 
-@gin.configurable(denylist=["examples"])
+@gin.configurable(allowlist=["check_values", "max_decode"])
 def scan_examples(examples: Sequence[readers.Example], *, check_values: bool = True,
                   max_decode: int | None = None,
                   on_size_mismatch: str = "error") -> ScanReport:

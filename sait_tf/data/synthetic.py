@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from sait_tf import labels
-from sait_tf.train.progress import Progress
+from sait_tf.runtime.progress import Progress
 
 DOMAINS = ("source", "target")
 DEFAULT_SIZE = (64, 128)  # (height, width)

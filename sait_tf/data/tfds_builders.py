@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import tensorflow_datasets as tfds
-
 from sait_tf.data import readers, scan
+
+try:
+    import importlib_resources  # noqa: F401  (tensorflow-datasets needs it, does not declare it)
+    import tensorflow_datasets as tfds
+except ImportError as error:
+    raise ImportError(f"sait_tf.data.tfds_builders needs the optional extra tfds ({error}): "
+                      'pip install sait_tf[tfds] (in a clone: pip install -e ".[tfds]")'
+                      ) from error
 
 _MANUAL_INSTRUCTIONS = """\
 Place your copy of the dataset in `manual_dir` ({layout}) and pass it with

@@ -1,13 +1,13 @@
-"""DeepLabV2: Caffe-style ResNet-101 backbone and the ASPP-sum classifier (REFERENCE.md s.2).
+"""DeepLabV2: Caffe-style ResNet-101 backbone and the ASPP-sum classifier (paper Sec. 4).
 
-A subclassed ``keras.Model`` over ``Bottleneck`` blocks. Keras layer names follow the PyTorch
-peers' module names (block ``layer3.5`` holds ``conv2``; ``layer1.0`` holds ``downsample.0``),
-and ``DeepLabV2.torch_layers`` maps each state_dict module path (``layer3.5.conv2``) to its
+The segmenter M of the paper's "D" rows, in the layout of the peers' checkpoints
+(liyunsheng13/BDL and wasidennis/AdaptSegNet, ``model/deeplab.py``). A subclassed
+``keras.Model`` over ``Bottleneck`` blocks. Keras layer names follow the peers' module names
+(block ``layer3.5`` holds ``conv2``; ``layer1.0`` holds ``downsample.0``), and
+``DeepLabV2.torch_layers`` maps each state_dict module path (``layer3.5.conv2``) to its
 layer, so checkpoints convert by name. The peers' ``layer5`` is the layer named
 ``classifier`` (its variable paths contain "classifier", which optimisers use to give it 10x
 learning rate); its branches are ``classifier.convs[i]`` (``layer5.conv2d_list.i``).
-
-The layers shared with FCN8s (Caffe preprocessing, ceil-mode max-pooling) live here too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from types import MappingProxyType
 import keras
 import tensorflow as tf
 
-from sait_tf import images
+from sait_tf.models.layers import (
+    CaffePreprocess,
+    MaxPool2DCeil,
+    check_common_knobs,
+    scaled_width,
+    zero_pad,
+)
 
 PAPER_BLOCKS = (3, 4, 23, 3)
 PAPER_PLANES = (64, 128, 256, 512)
@@ -34,19 +40,12 @@ CAFFE_INPUT_SCALE = 64.0
 
 
 @keras.saving.register_keras_serializable(package="sait_tf")
-class CaffePreprocess(keras.layers.Layer):
-    """RGB [0, 255] -> BGR minus the Caffe mean, inside the model so exports take raw images."""
-
-    def call(self, rgb_pixels: tf.Tensor) -> tf.Tensor:
-        return images.caffe_preprocess(rgb_pixels)
-
-
-@keras.saving.register_keras_serializable(package="sait_tf")
 class FrozenBatchNorm(keras.layers.Layer):
     """Batch normalisation that always uses its loaded statistics; none of its weights train.
 
-    Peers freeze the affine parameters and keep BN in train mode with batch 1; using the
-    loaded statistics is the reproducible choice (REFERENCE.md s.2). The weights are created
+    The peers (liyunsheng13/BDL ``model/deeplab.py``) freeze the affine parameters but keep
+    BN in train mode with batch 1, so its statistics follow each image; using the loaded
+    statistics makes M deterministic and reproducible. The weights are created
     non-trainable, so even ``model.trainable = True`` cannot unfreeze them.
     """
 
@@ -75,51 +74,11 @@ class FrozenBatchNorm(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="sait_tf")
-class MaxPool2DCeil(keras.layers.Layer):
-    """Max-pooling with PyTorch's ``ceil_mode=True`` output size, for any (dynamic) H, W.
-
-    PyTorch: ``out = ceil((n + 2p - k) / s) + 1``, minus one when the last window would start
-    in the right padding (at or after ``n + p``). Padding never wins the max.
-    """
-
-    def __init__(self, pool_size: int, strides: int, padding: int = 0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.pool_size, self.strides, self.padding = pool_size, strides, padding
-
-    def output_size(self, n: int | tf.Tensor) -> int | tf.Tensor:
-        """PyTorch's ceil-mode output length for an input length ``n`` (int or int tensor)."""
-        k, s, p = self.pool_size, self.strides, self.padding
-        out = (n + 2 * p - k + s - 1) // s + 1
-        if isinstance(n, int):
-            return out - 1 if (out - 1) * s >= n + p else out
-        return tf.where((out - 1) * s >= n + p, out - 1, out)
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        k, s, p = self.pool_size, self.strides, self.padding
-        # Pad enough on the right for the ceil-mode windows, pool, then drop a window that
-        # PyTorch's rule removes.
-        edge = [p, p + s - 1]
-        padded = tf.pad(inputs, [[0, 0], edge, edge, [0, 0]], constant_values=inputs.dtype.min)
-        pooled = tf.nn.max_pool2d(padded, k, s, "VALID")
-        shape = tf.shape(inputs)
-        return pooled[:, : self.output_size(shape[1]), : self.output_size(shape[2]), :]
-
-    def compute_output_shape(self, input_shape):
-        batch, height, width, channels = input_shape
-        return (batch,
-                None if height is None else self.output_size(height),
-                None if width is None else self.output_size(width),
-                channels)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides,
-                "padding": self.padding}
-
-
-@keras.saving.register_keras_serializable(package="sait_tf")
 class ASPPSum(keras.layers.Layer):
     """The DeepLabV2 classifier: 3x3 convs with dilations 6/12/18/24 on the same features,
-    all of their outputs summed. Weights N(0, 0.01), biases zero, as in the peers."""
+    all four outputs summed, as in liyunsheng13/BDL ``model/deeplab.py`` (the
+    wasidennis/AdaptSegNet ``model/deeplab.py`` returns inside its loop, after the first
+    two). Weights N(0, 0.01), biases zero, as in the peers."""
 
     def __init__(self, num_classes: int, dilations: Sequence[int] = CLASSIFIER_DILATIONS,
                  **kwargs) -> None:
@@ -155,11 +114,6 @@ class ASPPSum(keras.layers.Layer):
                 "dilations": self.dilations}
 
 
-def zero_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
-    """Symmetric zero padding of H and W, as in PyTorch's ``Conv2d(padding=...)``."""
-    return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
-
-
 def _conv(filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
           input_scale: float = 1.0) -> keras.layers.Conv2D:
     """PyTorch-style conv without bias; callers pad explicitly (``zero_pad``).
@@ -190,7 +144,7 @@ class Bottleneck(keras.layers.Layer):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.planes, self.stride, self.dilation, self.project = planes, stride, dilation, project
-        # The assignment order fixes the order of ``variables``, which train/checkpoints.py
+        # The assignment order fixes the order of ``variables``, which runtime/checkpoints.py
         # uses as checkpoint keys: keep it (conv3 before the shortcut conv, bn3 before its BN)
         # so existing checkpoints restore.
         self.conv1 = _conv(planes, 1, "conv1", strides=stride)
@@ -238,19 +192,6 @@ class Bottleneck(keras.layers.Layer):
     def get_config(self) -> dict:
         return {**super().get_config(), "planes": self.planes, "stride": self.stride,
                 "dilation": self.dilation, "project": self.project}
-
-
-def scaled_width(width: int, width_multiplier: float) -> int:
-    """A layer width shrunk by the ``width_multiplier`` size knob (at least 1 channel)."""
-    return max(1, round(width * width_multiplier))
-
-
-def check_common_knobs(arch: str, num_classes: int, width_multiplier: float) -> None:
-    """Rejects a non-positive ``width_multiplier`` or ``num_classes`` before any layer is made."""
-    if not width_multiplier > 0:
-        raise ValueError(f"{arch}: width_multiplier must be > 0, got {width_multiplier!r}")
-    if num_classes < 1:
-        raise ValueError(f"{arch}: num_classes must be >= 1, got {num_classes!r}")
 
 
 class DeepLabV2(keras.Model):

@@ -1,8 +1,9 @@
-"""FCN8s with a VGG16 backbone, in the layout of the peers' checkpoints (REFERENCE.md s.2).
+"""FCN8s with a VGG16 backbone (paper Sec. 4), in the layout of the peers' checkpoints.
 
-A subclassed ``keras.Model``. Its Keras layer names, the keys of ``FCN8s.torch_layers``, are
-the peers' state_dict module names (``conv1_1`` .. ``conv5_3``, ``fc6``,
-``fc7``, ``score_fr``, ``score_pool4``, ``score_pool3``, ``upscore2``, ``upscore_pool4``,
+The segmenter M of the paper's "F" rows, as in liyunsheng13/BDL ``model/fcn8s.py``. A
+subclassed ``keras.Model``. Its Keras layer names, the keys of ``FCN8s.torch_layers``, are
+the peers' state_dict module names (``conv1_1`` .. ``conv5_3``, ``fc6``, ``fc7``,
+``score_fr``, ``score_pool4``, ``score_pool3``, ``upscore2``, ``upscore_pool4``,
 ``upscore8``). ``conv1_1`` pads by 100 so the crops (offsets 5, 9, 31) realign the skips and
 return logits at the input size for any H, W.
 """
@@ -16,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sait_tf.models.deeplabv2 import (
+from sait_tf.models.layers import (
     CaffePreprocess,
     MaxPool2DCeil,
     check_common_knobs,
@@ -112,7 +113,7 @@ class FCN8s(keras.Model):
         self.num_classes = num_classes
 
         # The assignment order (the forward order) fixes the order of ``variables``, which
-        # train/checkpoints.py uses as checkpoint keys: keep it so existing checkpoints restore.
+        # runtime/checkpoints.py uses as checkpoint keys: keep it so existing checkpoints restore.
         self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
         self.vgg_convs = [_conv(scaled_width(channels, width_multiplier), 3,
                                 f"conv{stage}_{index}")

@@ -1,10 +1,13 @@
-"""The semantically adaptive translation network F (paper Sec. 3.1-3.2, REFERENCE.md section 3).
+"""The semantically adaptive translation network F (paper Sec. 3.1-3.2 and Sec. 4).
 
 Two auto-encoders share a latent space: encoders E_S, E_T and generators G_S, G_T. The
 generators' residual blocks normalise with Instance Norm followed by SPADE conditioned on the
 segmenter's unnormalised logits of the image being translated, so every pixel is denormalised
 according to its predicted class (Eq. 6). x_{A->B} = G_B(E_A(x_A), M(x_A)). Images are RGB in
-[-1, 1]; every convolution is spectrally normalised.
+[-1, 1]; every convolution is spectrally normalised (Sec. 4). The block layout (7x7 stem,
+4x4/2 down-sampling, residual blocks, nearest x2 + 5x5 conv + Layer Norm up-sampling, 7x7
+conv + tanh, reflect padding) is that of NVlabs/MUNIT ``networks.py`` (``ContentEncoder``,
+``Decoder``), a public peer of the same shared-latent-space design.
 """
 
 from __future__ import annotations
@@ -14,100 +17,12 @@ import keras
 import tensorflow as tf
 
 from sait_tf import images
+from sait_tf.models.layers import add_sublayers, spectral_conv
 
 DOMAINS = ("source", "target")
 RESIDUAL_NORMS = ("spade", "in")
 INSTANCE_NORM_EPSILON = 1e-5
 LAYER_NORM_EPSILON = 1e-5
-
-
-class SpectralNormalization(keras.layers.SpectralNormalization):
-    """Keras' spectral normalisation of a ``Conv2D``, without branches and exact at inference.
-
-    ``training=True`` does what Keras does: ``power_iterations`` from the stored
-    ``vector_u``, then the kernel divided by its spectral norm estimate sigma is written back
-    into the kernel variable with the new ``vector_u`` (so gradients and optimiser updates
-    act on the normalised kernel, as in TensorFlow Addons). Keras guards an all-zero kernel
-    with a ``cond`` per call, which makes tracing a training step several times slower; here
-    sigma is floored instead. With ``training=False`` Keras convolves with the stored kernel
-    as it is: unnormalised before the first training call, and off by the last optimiser
-    update after training. Here inference convolves with the kernel the next training call
-    would use (stored kernel over sigma from the stored ``vector_u``) and changes no
-    variable, like PyTorch's ``spectral_norm`` in eval mode.
-
-    Under a mixed precision policy the normalisation runs in float32 (no autocasting inside
-    the networks that hold it): the kernel written back is the float32 master weight, not a
-    16-bit rounding that would swallow the optimiser's small updates; the convolution
-    computes in 16 bits.
-    """
-
-    def __init__(self, layer: keras.layers.Conv2D, **kwargs) -> None:
-        if not isinstance(layer, keras.layers.Conv2D) or layer.activation not in (
-                None, keras.activations.linear):
-            raise ValueError("SpectralNormalization here wraps a Conv2D without activation")
-        kwargs.setdefault("autocast", False)
-        super().__init__(layer, **kwargs)
-
-    def build(self, input_shape) -> None:
-        """Keras' build, with ``vector_u`` aggregated ONLY_FIRST_REPLICA.
-
-        Every training call writes ``vector_u`` inside the replica step; under tf.distribute
-        the first replica's value is then copied to all, so the replicas' copies cannot
-        drift apart (Keras' default aggregation lets each replica keep its own).
-        """
-        keras.layers.Wrapper.build(self, input_shape)
-        self.input_spec = keras.layers.InputSpec(min_ndim=1, axes={-1: input_shape[-1]})
-        self.kernel = self.layer.kernel
-        self.kernel_shape = self.kernel.shape
-        self.vector_u = self.add_weight(
-            shape=(1, self.kernel_shape[-1]),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02), trainable=False,
-            name="vector_u", dtype=self.layer.variable_dtype, aggregation="only_first_replica")
-
-    def normalized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(vector_u after the power iterations, kernel / sigma)``; changes no variable."""
-        kernel = self.kernel.value
-        matrix = tf.reshape(kernel, [-1, self.kernel_shape[-1]])
-        vector_u = self.vector_u.value
-        for _ in range(self.power_iterations):
-            vector_v = tf.math.l2_normalize(tf.matmul(vector_u, matrix, transpose_b=True))
-            vector_u = tf.math.l2_normalize(tf.matmul(vector_v, matrix))
-        vector_u = tf.stop_gradient(vector_u)
-        vector_v = tf.stop_gradient(vector_v)
-        sigma = tf.matmul(tf.matmul(vector_v, matrix), vector_u, transpose_b=True)
-        return vector_u, kernel / tf.maximum(sigma[0, 0], 1e-12)
-
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        vector_u, kernel = self.normalized_weights()
-        if training:
-            self.vector_u.assign(vector_u)
-            self.kernel.assign(kernel)
-            return self.layer(inputs)
-        compute_dtype = self.layer.compute_dtype
-        outputs = self.layer.convolution_op(tf.cast(inputs, compute_dtype),
-                                            tf.cast(kernel, compute_dtype))
-        if self.layer.use_bias:
-            outputs = outputs + tf.cast(self.layer.bias, compute_dtype)
-        return outputs
-
-
-def add_sublayers(owner: keras.layers.Layer, prefix: str,
-                  layers: list[keras.layers.Layer]) -> list[keras.layers.Layer]:
-    """Sets ``layers`` as attributes ``prefix_0, prefix_1, ...`` of ``owner`` and returns them.
-
-    Keras 3.15 on TensorFlow leaves layers held in a list or dict out of
-    ``tf.train.Checkpoint``: only attributes are checkpointed.
-    """
-    for i, layer in enumerate(layers):
-        setattr(owner, f"{prefix}_{i}", layer)
-    return layers
-
-
-def spectral_conv(filters: int, kernel_size: int, strides: int = 1,
-                  name: str | None = None) -> SpectralNormalization:
-    """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly)."""
-    return SpectralNormalization(
-        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid"), name=name)
 
 
 def reflect_pad(x: tf.Tensor, pad: int) -> tf.Tensor:
@@ -124,11 +39,13 @@ def instance_norm(affine: bool, name: str | None = None) -> keras.layers.GroupNo
 
 
 class LayerNormCHW(keras.layers.Layer):
-    """Layer Norm of the up-sampling blocks: per sample over C, H and W together.
+    """Layer Norm of the up-sampling blocks, which the paper found to preserve the style
+    better (Sec. 4): per sample over C, H and W together.
 
     Unlike ``keras.layers.LayerNormalization(axis=-1)``, which normalises each pixel over its
-    channels, the statistics here span the whole sample (Ba et al., as in MUNIT), keeping
-    the relative contrast between pixels; the affine ``gamma`` and ``beta`` are per channel.
+    channels, the statistics here span the whole sample (Ba et al., as ``LayerNorm`` in
+    NVlabs/MUNIT ``networks.py``), keeping the relative contrast between pixels; the affine
+    ``gamma`` and ``beta`` are per channel.
     """
 
     def __init__(self, epsilon: float = LAYER_NORM_EPSILON, **kwargs) -> None:
@@ -152,8 +69,9 @@ class SPADE(keras.layers.Layer):
     ``seg_logits`` (M's unnormalised logits, any resolution) are resized bilinearly to the
     activation, passed through a shared 3x3 conv + ReLU with ``hidden`` channels, and two 3x3
     convs give per-pixel ``gamma`` and ``beta``. The output is (1 + gamma) * IN(x) + beta:
-    the paper's Eq. 6 writes gamma * IN(x) + beta, and the reference SPADE code uses
-    1 + gamma so that a freshly initialised layer starts close to plain IN.
+    the paper's Eq. 6 writes gamma * IN(x) + beta, and the reference SPADE code
+    (NVlabs/SPADE ``models/networks/normalization.py``) uses 1 + gamma so that a freshly
+    initialised layer starts close to plain IN.
     """
 
     def __init__(self, channels: int, hidden: int = 128, **kwargs) -> None:
@@ -294,11 +212,12 @@ class Translator(keras.Model):
     """F: encoders and generators of both domains; x_{A->B} = G_B(E_A(x_A), M(x_A)).
 
     Images are RGB in [-1, 1] NHWC; ``seg_logits`` are M's logits of the image being
-    translated, at any resolution (the SPADE layers resize them). ``conditioned`` is False
-    when the residual blocks use plain IN, in which case the logits are ignored.
+    translated, at any resolution (the SPADE layers resize them), with ``num_classes``
+    channels. ``conditioned`` is False when the residual blocks use plain IN, in which case
+    the logits are ignored.
     """
 
-    def __init__(self, num_classes: int = 19, dim: int = 64, num_downsamplings: int = 2,
+    def __init__(self, num_classes: int, dim: int = 64, num_downsamplings: int = 2,
                  num_residual_blocks: int = 4, spade_hidden: int = 128,
                  residual_norm: str = "spade", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -320,10 +239,13 @@ class Translator(keras.Model):
                                           spade_hidden, residual_norm, name="target_generator")
 
     def build(self, input_shape=None) -> None:
-        """Creates the variables of all four networks (``input_shape`` is not needed).
+        """Creates the variables of E_S, E_T, G_S and G_T and marks F built.
 
-        A call builds only the encoder and generator it uses; checkpoints and optimisers
-        need every variable, so the first call, or a direct ``build()``, creates them all.
+        The one way to build F: call ``translator.build()`` (no argument; ``input_shape`` is
+        not needed) before restoring a checkpoint or building an optimiser, which need every
+        variable of a built model. A translation builds only the encoder and generator it
+        uses; the first ``__call__`` runs this method too. The variable order, the key of the
+        checkpoints, is the attribute order of ``__init__``, whatever builds the networks.
         """
         side = 2 * self.size_multiple + 4
         x_unit = tf.zeros([1, side, side, 3])
@@ -394,11 +316,31 @@ class Translator(keras.Model):
         return self.translate(x_unit, seg_logits, "source", "target", training=training)
 
 
-@gin.configurable
-def build_translator(num_classes: int = 19, dim: int = 64, num_downsamplings: int = 2,
+@gin.configurable(denylist=["num_classes"])
+def build_translator(num_classes: int, dim: int = 64, num_downsamplings: int = 2,
                      num_residual_blocks: int = 4, spade_hidden: int = 128,
                      residual_norm: str = "spade") -> Translator:
-    """F with the paper's sizes by default; ``residual_norm`` 'in' is Table 3's no-SPADE row."""
+    """F with the paper's sizes by default; ``residual_norm`` 'in' is Table 3's no-SPADE row.
+
+    ``num_classes`` is M's (``segmenter.num_classes``), never a gin binding: the SPADE layers
+    take M's logits, so F and M cannot disagree on it.
+    """
     return Translator(num_classes=num_classes, dim=dim, num_downsamplings=num_downsamplings,
                       num_residual_blocks=num_residual_blocks, spade_hidden=spade_hidden,
                       residual_norm=residual_norm, name="translator")
+
+
+def translate_pixels(segmenter: keras.Model, translator: Translator, pixels: tf.Tensor,
+                     source_domain: str = "source", target_domain: str = "target",
+                     training: bool = False) -> tf.Tensor:
+    """x_{A->B} = G_B(E_A(x_A), M(x_A)) (paper Sec. 3.1) on float32 RGB [0, 255] NHWC images.
+
+    The one translation every user of F wraps. M sees the pixels in its own range, always in
+    inference mode; F sees them in [-1, 1] and runs with ``training``. A translator without
+    SPADE guidance (``conditioned`` False, Table 3's IN rows) does not call M. Returns float32
+    RGB [0, 255] of the input's shape (``Translator.translate`` handles any H, W).
+    """
+    seg_logits = segmenter(pixels, training=False) if translator.conditioned else None
+    translated = translator.translate(images.pixels_to_unit(pixels), seg_logits, source_domain,
+                                      target_domain, training=training)
+    return images.unit_to_pixels(translated)

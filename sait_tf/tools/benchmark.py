@@ -18,14 +18,13 @@ Measures, in one process on the same input:
                             estimated, and the GFLOP/s achieved against a float32 matmul peak
                             measured in the same run;
   torch_train_step_s        with ``--torch``: the same network's step in PyTorch
-                            (``tests/torch_reference.py``), same threads, same input.
+                            (``tools/torch_reference.py``), same threads, same input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -42,14 +41,22 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from sait_tf import export, images, labels, losses
+from sait_tf import export, images, labels
 from sait_tf.data import readers, synthetic
 from sait_tf.models import build_segmenter
-from sait_tf.models.patch_discriminator import build_patch_discriminator
-from sait_tf.models.translator import DOMAINS, build_translator
+from sait_tf.models.discriminators import build_patch_discriminator
+from sait_tf.models.translator import DOMAINS, build_translator, translate_pixels
+from sait_tf.runtime import files
+from sait_tf.runtime.progress import Progress
 from sait_tf.train import distribute
-from sait_tf.train.optimizers import SEGMENTATION_OPTIMIZERS, poly_schedule
-from sait_tf.train.progress import Progress
+from sait_tf.train.optimizers import (
+    SEGMENTATION_OPTIMIZERS,
+    adam,
+    discriminator_optimizer,
+    loss_scaled,
+    poly_schedule,
+)
+from sait_tf.train.segmentation import SegmentationStep
 from sait_tf.train.translation import LOSS_TERMS, TranslationStep
 
 MODELS = ("deeplabv2", "fcn8s", "translator")
@@ -63,8 +70,6 @@ REQUIRED_KEYS = (
     "train_step_gflops", "train_achieved_gflops_per_s", "matmul_peak_gflops_per_s",
     "fraction_of_matmul_peak", "train_fraction_of_matmul_peak",
 )
-TORCH_REFERENCE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "tests",
-                               "torch_reference.py")
 # The pipeline reads PNGs twice the training size and resizes them to 1.25x before cropping,
 # roughly the work of a GTA5 image (1914x1052 -> 1280x720 -> 1024x512 crop).
 PIPELINE_FILE_SCALE = 2.0
@@ -127,7 +132,7 @@ def check_config(config: BenchmarkConfig) -> None:
                          f"{config.height}x{config.width}")
     if config.model == "translator":
         if config.torch:
-            raise ValueError("--torch: tests/torch_reference.py has no translator; use --model "
+            raise ValueError("--torch: tools/torch_reference.py has no translator; use --model "
                              "deeplabv2 or fcn8s")
         multiple = 2 ** config.translator_knobs.get("num_downsamplings", 2)
         if config.height % multiple or config.width % multiple:
@@ -272,25 +277,17 @@ def _build_optimizers(optimizers: Iterable[tuple[keras.optimizers.Optimizer, lis
 
 def segmenter_train_step(segmenter: keras.Model, config: BenchmarkConfig
                          ) -> tf.types.experimental.ConcreteFunction:
-    """The compiled step of M's trainer on (images, labels) of the configured static shape.
-
-    Cross-entropy (Eq. 8) and the architecture's optimiser recipe from
-    ``train.optimizers`` (DeepLabV2: SGD momentum, classifier at 10x; FCN8s: Adam), loss
-    scaled for float16 and applied through the step guard, as in ``train.segmentation``.
+    """The compiled step of M's trainer (``SegmentationStep``, the trainer's own step) on
+    (images, labels) of the configured static shape: source-only cross-entropy (Eq. 8) with
+    the architecture's optimiser recipe (DeepLabV2: SGD momentum, classifier at 10x; FCN8s:
+    Adam), loss-scaled for float16 and applied through the step guard.
     """
-    variables = segmenter.trainable_variables
-    optimizer = SEGMENTATION_OPTIMIZERS[config.arch](1_000_000)
-    if distribute.computes_in_float16(segmenter):
-        optimizer = optimizer.with_loss_scaling(variables)
-    _build_optimizers(optimizer.checkpoint_items("segmenter", variables).values())
+    trainer = SegmentationStep(segmenter, 1_000_000, None, 1.0, 1.0, 0.0,
+                               SEGMENTATION_OPTIMIZERS[config.arch], discriminator_optimizer)
+    _build_optimizers(trainer.optimizers.values())
 
     def step(pixels: tf.Tensor, train_ids: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss = losses.segmentation_cross_entropy(segmenter(pixels, training=True), train_ids)
-            grads_of = distribute.scale_loss(optimizer, loss)
-        grads = tape.gradient(grads_of, variables)
-        distribute.apply_gradients(optimizer, grads, variables, loss)
-        return loss
+        return trainer.replica_step({"source": {"image": pixels, "label": train_ids}})["total"]
 
     return tf.function(step, autograph=False, jit_compile=config.jit_compile).get_concrete_function(
         tf.TensorSpec([config.batch, config.height, config.width, 3], tf.float32),
@@ -305,21 +302,22 @@ def translator_train_step(segmenter: keras.Model, translator: keras.Model,
     Adam (0.9, 0.99) with poly decay for F and for D_S + D_T, loss-scaled for float16, as in
     ``train.translation``; the learning rates do not change the work.
     """
-    def adam(name: str, model: keras.Model) -> keras.optimizers.Optimizer:
-        optimizer = keras.optimizers.Adam(poly_schedule(1e-4, 1_000_000), beta_1=0.9,
-                                          beta_2=0.99, epsilon=1e-8, name=name)
-        if distribute.computes_in_float16(model):
-            return keras.optimizers.LossScaleOptimizer(optimizer, name=name)
-        return optimizer
+    def optimizer(name: str, model: keras.Model, variables: list) -> keras.optimizers.Optimizer:
+        return loss_scaled(adam(poly_schedule(1e-4, 1_000_000), 0.9, 0.99, name), model,
+                           variables)
 
+    d_variables = [v for d in DOMAINS for v in discriminators[d].trainable_variables]
     trainer = TranslationStep(segmenter, translator, discriminators,
-                              adam("translator", translator),
-                              adam("discriminators", discriminators["source"]),
+                              optimizer("translator", translator, translator.trainable_variables),
+                              optimizer("discriminators", discriminators["source"], d_variables),
                               TRANSLATION_WEIGHTS, use_sce=True)
-    _build_optimizers([(trainer.generator_optimizer, trainer.generator_variables),
-                       (trainer.discriminator_optimizer, trainer.discriminator_variables)])
+    _build_optimizers(trainer.optimizers.values())
     spec = tf.TensorSpec([config.batch, config.height, config.width, 3], tf.float32)
-    return tf.function(trainer.replica_step, autograph=False,
+
+    def step(source: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
+        return trainer.replica_step({"source": source, "target": target})
+
+    return tf.function(step, autograph=False,
                        jit_compile=config.jit_compile).get_concrete_function(spec, spec)
 
 
@@ -380,7 +378,8 @@ def _inference_functions(models: dict, config: BenchmarkConfig, work_dir: str
         name = export.TRANSLATOR_NAME
 
         def in_process(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"translated": export.translate_pixels(translator, segmenter, pixels)}
+            translated = translate_pixels(segmenter, translator, tf.cast(pixels, tf.float32))
+            return {"translated": images.to_uint8(translated)}
     serving = tf.saved_model.load(written[name]).signatures["serving_default"]
     keras_call = tf.function(in_process, input_signature=[export.IMAGES_SPEC], autograph=False)
     return serving, keras_call
@@ -419,17 +418,6 @@ def measure_input_pipeline(config: BenchmarkConfig, work_dir: str,
 # PyTorch.
 
 
-def _load_torch_reference():
-    """``tests/torch_reference.py`` as a module (it is not part of the package)."""
-    path = os.path.abspath(TORCH_REFERENCE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--torch needs the reference networks at {path}")
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def torch_train_step(config: BenchmarkConfig, pixels: np.ndarray, train_ids: np.ndarray,
                      threads: int) -> Callable[[], float]:
     """The same network's step in PyTorch: the same loss, optimiser recipe and frozen layers.
@@ -441,9 +429,10 @@ def torch_train_step(config: BenchmarkConfig, pixels: np.ndarray, train_ids: np.
     """
     try:
         import torch
+
+        from sait_tf.tools import torch_reference as reference
     except ImportError as e:
         raise ImportError("--torch needs PyTorch: pip install torch==2.13.0") from e
-    reference = _load_torch_reference()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     knobs = config.segmenter_knobs
@@ -622,16 +611,6 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     return result
 
 
-def write_json(result: dict, path: str) -> None:
-    """Writes ``result`` to ``path`` through a temporary file, so readers never see half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -708,7 +687,7 @@ def main(argv: list[str]) -> None:
     result = run_benchmark(config)
     result["command"] = "python -m sait_tf.tools.benchmark " + shlex.join(sys.argv[1:])
     if FLAGS.json:
-        write_json(result, FLAGS.json)
+        files.write_json_atomically(FLAGS.json, result)
     summary = {key: result[key] for key in (*REQUIRED_KEYS, "torch_train_step_s",
                                             "train_step_over_torch") if key in result}
     print(json.dumps(summary, indent=1))

@@ -1,11 +1,17 @@
 """PyTorch segmenter checkpoints -> Keras ``.weights.h5`` for ``build_segmenter``.
 
-    python -m sait_tf.tools.convert_torch --arch deeplabv2 --num_classes 19 \\
-        --input DeepLab_resnet_pretrained_init-f81d91e8.pth --output deeplab_init.weights.h5
-    python -m sait_tf.tools.convert_torch --arch fcn8s --num_classes 19 \\
-        --keras_vgg16 vgg16_weights_tf_dim_ordering_tf_kernels.h5 --output fcn8s_init.weights.h5
+The paper configs (gin/*.gin) start M from ``weights/deeplabv2_init.weights.h5`` and
+``weights/fcn8s_init.weights.h5``; these commands write them (``--output`` defaults to
+``weights/<arch>_init.weights.h5``; docs/checkpoints.md says where the inputs come from):
 
-Reads state_dicts with the peers' key names (REFERENCE.md s.2): plain, or wrapped as
+    python -m sait_tf.tools.convert_torch --arch deeplabv2 --num_classes 19 \\
+        --input DeepLab_resnet_pretrained_init-f81d91e8.pth \\
+        --output weights/deeplabv2_init.weights.h5
+    python -m sait_tf.tools.convert_torch --arch fcn8s --num_classes 19 \\
+        --keras_vgg16 vgg16_weights_tf_dim_ordering_tf_kernels.h5 \\
+        --output weights/fcn8s_init.weights.h5
+
+Reads state_dicts with the peers' key names (docs/checkpoints.md): plain, or wrapped as
 ``{"state_dict": ...}`` / ``{"model": ...}``, with or without a leading prefix such as
 ``Scale.`` or ``module.``. The classifier is skipped (keeping its initialisation) when the
 checkpoint's class count differs from ``--num_classes``. Any other difference (missing keys,
@@ -18,6 +24,7 @@ torch is needed only to read ``.pth`` files (``--input``), and is imported only 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 
 import keras
@@ -43,6 +50,8 @@ KERAS_VGG16_LAYERS = {f"block{stage}_conv{index}": f"conv{stage}_{index}"
                       for index in range(1, convs + 1)}
 KERAS_VGG16_FC = {"fc1": "fc6", "fc2": "fc7"}
 MAX_LISTED = 30
+# The files the paper configs (gin/*.gin, INIT_WEIGHTS) load.
+DEFAULT_OUTPUT = "weights/{arch}_init.weights.h5"
 
 
 class CheckpointMismatchError(ValueError):
@@ -224,7 +233,7 @@ def save_weights(model: keras.Model, output: str) -> None:
     os.replace(temporary, output)
 
 
-def parse_flags(argv: list[str]) -> flags.FlagValues:
+def _define_flags() -> flags.FlagValues:
     """The command line's own flags (a private FlagValues: no clash with other binaries)."""
     values = flags.FlagValues()
     flags.DEFINE_enum("arch", None, ["deeplabv2", "fcn8s"], "Segmenter architecture.",
@@ -234,20 +243,38 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
                         flag_values=values)
     flags.DEFINE_string("keras_vgg16", None, "fcn8s only, instead of --input: "
                         "keras.applications.VGG16 weights file with top.", flag_values=values)
-    flags.DEFINE_string("output", None, "Output Keras weights file, ending in .weights.h5.",
+    flags.DEFINE_string("output", None, "Output Keras weights file, ending in .weights.h5. "
+                        f"Default: {DEFAULT_OUTPUT.format(arch='<arch>')}, the file the "
+                        "paper configs load.",
                         flag_values=values)
     flags.DEFINE_list("blocks", None, "deeplabv2 size knob: bottlenecks per layer, e.g. 1,1,1,1.",
                       flag_values=values)
     flags.DEFINE_float("width_multiplier", None, "Size knob: width multiplier (default 1.0).",
                        flag_values=values)
+    return values
+
+
+def flags_help() -> str:
+    """The converter's flags, as ``--help`` lists them."""
+    listing = _define_flags().get_help(prefix="  ", include_special_flags=False)
+    # Drops the defining module's name: every flag here is the converter's.
+    return "\n".join(["flags:", *(line[2:] for line in listing.splitlines()
+                                   if line.startswith("    "))])
+
+
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+    """Parses and checks the converter's flags; ``--output`` gets its default here."""
+    values = _define_flags()
     try:
         unparsed = values(argv)
     except flags.Error as error:
-        raise app.UsageError(f"{error}\n{values.main_module_help()}") from error
+        raise app.UsageError(f"{error}\n{flags_help()}") from error
     if len(unparsed) > 1:
         raise app.UsageError(f"unexpected arguments: {unparsed[1:]}")
-    if values.arch is None or values.output is None:
-        raise app.UsageError("--arch and --output are required")
+    if values.arch is None:
+        raise app.UsageError("--arch is required")
+    if values.output is None:
+        values.output = DEFAULT_OUTPUT.format(arch=values.arch)
     if not values.output.endswith(".weights.h5"):
         raise app.UsageError(f"--output must end in .weights.h5, got {values.output!r}")
     if (values.input is None) == (values.keras_vgg16 is None):
@@ -287,7 +314,11 @@ def main(argv: list[str]) -> None:
 
 
 def _parse_absl_flags(argv: list[str]) -> list[str]:
-    """Lets app.run parse absl's own flags (logging) and hands the rest to ``main``."""
+    """Lets app.run parse absl's own flags (logging) and hands the rest to ``main``; ``--help``
+    prints this module's usage and the converter's flags."""
+    if any(arg in ("-h", "-?", "--help", "--helpshort") for arg in argv[1:]):
+        print(f"{__doc__}\n{flags_help()}")
+        sys.exit(0)
     return flags.FLAGS(argv, known_only=True)
 
 

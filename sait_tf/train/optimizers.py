@@ -16,6 +16,8 @@ import gin
 import keras
 import tensorflow as tf
 
+from sait_tf.train import distribute
+
 OptimizerFactory = Callable[[int], "GroupedOptimizer"]
 
 
@@ -25,6 +27,29 @@ def poly_schedule(
     """``lr * (1 - step / total_steps) ** power``, reaching 0 at the end of the stage."""
     return keras.optimizers.schedules.PolynomialDecay(
         learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
+
+
+def adam(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, beta_1: float,
+         beta_2: float, name: str) -> keras.optimizers.Adam:
+    """Adam with PyTorch's epsilon (1e-8), as every Adam of the peers and of the paper."""
+    return keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=1e-8,
+                                 name=name)
+
+
+def loss_scaled(optimizer: keras.optimizers.Optimizer | GroupedOptimizer, model: keras.Layer,
+                variables: Sequence[tf.Variable]) -> keras.optimizers.Optimizer | GroupedOptimizer:
+    """``optimizer``, behind loss scaling when ``model`` computes in float16 (mixed_float16).
+
+    A grouped optimiser gets a ``LossScaleOptimizer`` per group that trains some of
+    ``variables``; a plain one is wrapped (and built on ``variables``) under its own name.
+    """
+    if not distribute.computes_in_float16(model):
+        return optimizer
+    if isinstance(optimizer, GroupedOptimizer):
+        return optimizer.with_loss_scaling(variables)
+    scaled = keras.optimizers.LossScaleOptimizer(optimizer, name=optimizer.name)
+    scaled.build(list(variables))
+    return scaled
 
 
 class GroupedOptimizer:
@@ -158,18 +183,16 @@ def fcn8s_optimizer(
     step_decay_every: int | None = None,
 ) -> GroupedOptimizer:
     """Adam (0.9, 0.99) with biases at 2x. Poly decay, or x0.1 every ``step_decay_every``."""
-    def adam(lr: float, name: str) -> keras.optimizers.Optimizer:
+    def schedule(lr: float) -> keras.optimizers.schedules.LearningRateSchedule:
         if step_decay_every:
-            schedule = keras.optimizers.schedules.ExponentialDecay(
+            return keras.optimizers.schedules.ExponentialDecay(
                 lr, decay_steps=step_decay_every, decay_rate=0.1, staircase=True)
-        else:
-            schedule = poly_schedule(lr, total_steps, power)
-        return keras.optimizers.Adam(schedule, beta_1=beta_1, beta_2=beta_2, epsilon=1e-8,
-                                     name=name)
+        return poly_schedule(lr, total_steps, power)
 
     return GroupedOptimizer(
-        [("bias", r"(^|/)bias$", adam(learning_rate * bias_multiplier, "bias")),
-         ("base", None, adam(learning_rate, "base"))])
+        [("bias", r"(^|/)bias$",
+          adam(schedule(learning_rate * bias_multiplier), beta_1, beta_2, "bias")),
+         ("base", None, adam(schedule(learning_rate), beta_1, beta_2, "base"))])
 
 
 SEGMENTATION_OPTIMIZERS: dict[str, OptimizerFactory] = {
@@ -189,9 +212,8 @@ def segmentation_optimizer(total_steps: int, arch: str = "deeplabv2") -> Grouped
 
 def _single_adam(total_steps: int, learning_rate: float, beta_1: float, beta_2: float,
                  power: float) -> GroupedOptimizer:
-    adam = keras.optimizers.Adam(poly_schedule(learning_rate, total_steps, power),
-                                 beta_1=beta_1, beta_2=beta_2, epsilon=1e-8, name="all")
-    return GroupedOptimizer([("all", None, adam)])
+    schedule = poly_schedule(learning_rate, total_steps, power)
+    return GroupedOptimizer([("all", None, adam(schedule, beta_1, beta_2, "all"))])
 
 
 @gin.configurable

@@ -26,8 +26,8 @@ from absl import logging
 
 from sait_tf import images, labels
 from sait_tf.data import readers
-from sait_tf.train import checkpoints
-from sait_tf.train.progress import Progress
+from sait_tf.runtime import files
+from sait_tf.runtime.progress import Progress
 
 HISTOGRAM_BINS = 2**16
 THRESHOLDS_FILE = "thresholds.json"
@@ -104,10 +104,7 @@ def _median_thresholds(segmenter: keras.Model, examples: Sequence[readers.Exampl
                                                   "pseudo_labels/medians"):
         histogram += confidence_histogram(confidence, prediction, num_classes)
     thresholds = class_median_thresholds(histogram, th_ssl)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"th_ssl": th_ssl, "thresholds": thresholds.tolist()}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json_atomically(path, {"th_ssl": th_ssl, "thresholds": thresholds.tolist()})
     return thresholds
 
 
@@ -125,8 +122,10 @@ def generate_pseudo_labels(
     resolution) to ``out_dir``; returns how many label files were written by this call.
 
     ``segmenter`` has ``num_classes`` logit channels (``build_segmenter``'s models do)."""
-    if checkpoints.is_stage_done(out_dir):
+    if files.is_done(out_dir):
         return 0
+    if os.path.isdir(out_dir):
+        files.remove_stale_temporaries(out_dir)
     if class_median:
         thresholds = _median_thresholds(segmenter, examples, out_dir, resize, batch_size, th_ssl)
     else:
@@ -143,5 +142,5 @@ def generate_pseudo_labels(
     if total:
         logging.info("pseudo-labels: %d files in %s, %.1f%% of their pixels labelled",
                      len(todo), out_dir, 100.0 * kept / total)
-    checkpoints.mark_stage_done(out_dir)
+    files.mark_done(out_dir)
     return len(todo)

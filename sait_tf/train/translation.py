@@ -1,7 +1,7 @@
 """Trainer of the translation network F with the segmenter M frozen (paper Sec. 3.1, Eq. 1-5).
 
-Each step updates the discriminators D_S, D_T on real images and the current translations,
-then the translator on
+Each step updates the discriminators D_S, D_T on real images and the current translations
+(Eq. 3), then the translator on
 
     L = l_recon L_recon + l_GAN L_GAN + l_CC_I L_CC_I + l_CC_H L_CC_H + l_SCE L_SCE   (Eq. 1)
 
@@ -13,25 +13,21 @@ every model is called with ``training=True`` inside the step.
 
 from __future__ import annotations
 
-import os
-
 import gin
 import keras
 import tensorflow as tf
-from absl import logging
 
 from sait_tf import images, losses
-from sait_tf.train import checkpoints, distribute, step_guard
-from sait_tf.train.optimizers import poly_schedule
-from sait_tf.train.progress import Progress
+from sait_tf.models.translator import DOMAINS, translate_pixels
+from sait_tf.train import distribute, loop
+from sait_tf.train.optimizers import adam, loss_scaled, poly_schedule
 
-DOMAINS = ("source", "target")
 OTHER = {"source": "target", "target": "source"}
 LOSS_TERMS = ("reconstruction", "gan", "image_cycle", "latent_cycle", "sce")
 
 
 class TranslationStep:
-    """The per-replica training step of F and its discriminators, and the image previews.
+    """The per-replica training step of F and its discriminators (a ``loop.StageStep``).
 
     Knows the models only through ``translator.encode/decode/conditioned``, discriminators
     that map an image to a list of score maps, and a segmenter that maps RGB [0, 255] to
@@ -50,6 +46,11 @@ class TranslationStep:
         self.discriminator_optimizer = discriminator_optimizer
         self.weights = weights
         self.use_sce = use_sce
+        self.trackables = {"translator": translator, "discriminators": discriminators}
+        self.optimizers = {
+            "translator_optimizer": (generator_optimizer, self.generator_variables),
+            "discriminators_optimizer": (discriminator_optimizer, self.discriminator_variables)}
+        self.guarded = ("translator", "discriminators")
 
     @property
     def generator_variables(self) -> list:
@@ -79,15 +80,17 @@ class TranslationStep:
         grads = tape.gradient(grads_of, variables)
         applied = distribute.apply_gradients(self.discriminator_optimizer, grads, variables,
                                              scaled)
-        return {"discriminator": loss, "discriminator_applied": applied}
+        return {"discriminators": loss, "discriminators_applied": applied}
 
-    def replica_step(self, source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
-        """Discriminator update, then translator update; returns the unweighted loss terms.
+    def replica_step(self, batch: dict[str, tf.Tensor]) -> dict:
+        """Discriminator update, then translator update, on ``batch`` {"source", "target"} of
+        float32 RGB [0, 255] images; returns the unweighted loss terms.
 
         Losses are float32 (the loss functions cast 16-bit model outputs). Under a
         tf.distribute strategy each replica weights its losses by its share of the global
         batch, so the all-reduced update is that of one device on the whole batch.
         """
+        source_pixels, target_pixels = batch["source"], batch["target"]
         share = distribute.replica_share(tf.shape(source_pixels)[0])
         tf.debugging.assert_equal(
             tf.shape(source_pixels)[0], tf.shape(target_pixels)[0],
@@ -132,24 +135,30 @@ class TranslationStep:
         grads = tape.gradient(grads_of, variables)
         applied = distribute.apply_gradients(self.generator_optimizer, grads, variables, scaled)
         results.update(terms)
-        results.update({"generator": total, "generator_applied": applied})
+        results.update({"translator": total, "translator_applied": applied})
         return results
 
-    def previews(self, source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Per domain, uint8 rows [x, colourised argmax M(x), x_{A->B}, x_{A->B->A}]."""
-        grids = {}
-        for d, pixels in (("source", source_pixels), ("target", target_pixels)):
-            x_unit = images.pixels_to_unit(pixels)
-            logits = self.segmenter(pixels, training=False)
-            translated = self.translator.translate(x_unit, logits, d, OTHER[d])
-            cycled = self.translator.translate(translated, self._segment(translated), OTHER[d], d)
-            size = tf.shape(pixels)[1:3]
-            prediction = tf.argmax(images.resize_logits(logits, size), axis=-1)
-            row = [images.to_uint8(pixels), images.colorize(prediction),
-                   images.to_uint8(images.unit_to_pixels(translated)),
-                   images.to_uint8(images.unit_to_pixels(cycled))]
-            grids[d] = tf.concat(row, axis=2)
-        return grids
+    def learning_rates(self) -> dict[str, float]:
+        return {"translator": float(self.generator_optimizer.learning_rate),
+                "discriminators": float(self.discriminator_optimizer.learning_rate)}
+
+    def progress_text(self, results: dict[str, tf.Tensor]) -> str:
+        return (f"G {float(results['translator']):.4f}  "
+                f"D {float(results['discriminators']):.4f}")
+
+
+def preview_grids(segmenter: keras.Model, translator: keras.Model, source_pixels: tf.Tensor,
+                  target_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Per domain, uint8 rows [x, colourised argmax M(x), x_{A->B}, x_{A->B->A}]."""
+    grids = {}
+    for d, pixels in (("source", source_pixels), ("target", target_pixels)):
+        translated = translate_pixels(segmenter, translator, pixels, d, OTHER[d])
+        cycled = translate_pixels(segmenter, translator, translated, OTHER[d], d)
+        logits = images.resize_logits(segmenter(pixels, training=False), tf.shape(pixels)[1:3])
+        row = [images.to_uint8(pixels), images.colorize(tf.argmax(logits, axis=-1)),
+               images.to_uint8(translated), images.to_uint8(cycled)]
+        grids[d] = tf.concat(row, axis=2)
+    return grids
 
 
 def _images_of(dataset: tf.data.Dataset, param: str) -> tf.data.Dataset:
@@ -165,14 +174,6 @@ def _check_image_size(pixels: tf.Tensor, multiple: int, param: str) -> None:
     if height % multiple or width % multiple:
         raise ValueError(f"train_translator: {param} images are {height}x{width}; the translator "
                          f"needs sides that are multiples of {multiple} (set the crop size)")
-
-
-def _adam(learning_rate: float, steps: int, beta_1: float, beta_2: float, poly_power: float,
-          name: str, loss_scaled: bool) -> keras.optimizers.Optimizer:
-    """Adam with poly decay; wrapped in a LossScaleOptimizer for float16 models."""
-    adam = keras.optimizers.Adam(poly_schedule(learning_rate, steps, poly_power), beta_1=beta_1,
-                                 beta_2=beta_2, epsilon=1e-8, name=name)
-    return keras.optimizers.LossScaleOptimizer(adam, name=name) if loss_scaled else adam
 
 
 @gin.configurable(denylist=["segmenter", "translator", "discriminators", "source_dataset",
@@ -220,104 +221,48 @@ def train_translator(
     (``distribute.set_precision``) train with loss-scaled optimisers. ``jit_compile``
     compiles the whole step (updates included) with XLA.
     """
-    stage = os.path.basename(os.path.normpath(stage_dir))
     if set(discriminators) != set(DOMAINS):
         raise ValueError(f"train_translator: discriminators must have keys {DOMAINS}, "
                          f"got {sorted(discriminators)}")
-    if checkpoints.is_stage_done(stage_dir):
-        _build(segmenter, translator, discriminators, source_dataset, target_dataset)
-        checkpoints.restore_for_inference(stage_dir, translator=translator)
-        logging.info("[%s] already done; restored the translator from %s", stage, stage_dir)
-        return translator
-    if steps < 1:
-        raise ValueError(f"train_translator: steps must be >= 1, got {steps} for {stage}")
     weights = {"reconstruction": reconstruction_weight, "gan": gan_weight,
                "image_cycle": image_cycle_weight, "latent_cycle": latent_cycle_weight,
                "sce": sce_weight}
+    streams = {"source": _images_of(source_dataset, "source_dataset"),
+               "target": _images_of(target_dataset, "target_dataset")}
+    first = {domain: next(iter(stream.take(1))) for domain, stream in streams.items()}
+    for domain, pixels in first.items():
+        _check_image_size(pixels, translator.size_multiple, f"{domain}_dataset")
+        discriminators[domain](images.pixels_to_unit(pixels))
+    translator.build()
 
-    strategy = strategy or tf.distribute.get_strategy()
-    distribute.check_jit_compile(strategy, jit_compile, "train_translator.jit_compile")
-    with strategy.scope():
-        first_source, first_target = _build(segmenter, translator, discriminators,
-                                            source_dataset, target_dataset)
-        trainer = TranslationStep(
+    def make_step() -> TranslationStep:
+        def optimizer(learning_rate: float, model: keras.Model, variables: list, name: str):
+            schedule = poly_schedule(learning_rate, steps, poly_power)
+            return loss_scaled(adam(schedule, beta_1, beta_2, name), model, variables)
+
+        d_variables = [v for domain in DOMAINS for v in discriminators[domain].trainable_variables]
+        return TranslationStep(
             segmenter, translator, discriminators,
-            _adam(generator_lr, steps, beta_1, beta_2, poly_power, "translator",
-                  distribute.computes_in_float16(translator)),
-            _adam(discriminator_lr, steps, beta_1, beta_2, poly_power, "discriminators",
-                  distribute.computes_in_float16(discriminators["source"])),
+            optimizer(generator_lr, translator, translator.trainable_variables, "translator"),
+            optimizer(discriminator_lr, discriminators["source"], d_variables, "discriminators"),
             weights, use_sce)
-        ckpt = checkpoints.StageCheckpoint(
-            stage_dir,
-            optimizers={
-                "translator_optimizer": (trainer.generator_optimizer,
-                                         trainer.generator_variables),
-                "discriminators_optimizer": (trainer.discriminator_optimizer,
-                                             trainer.discriminator_variables)},
-            translator=translator, discriminators=discriminators)
-    start = ckpt.restore_latest()
 
-    streams = tf.data.Dataset.zip((_images_of(source_dataset, "source_dataset").repeat(),
-                                   _images_of(target_dataset, "target_dataset").repeat()))
-    iterator = iter(strategy.experimental_distribute_dataset(streams.prefetch(2)))
+    previews = tf.function(lambda source, target: preview_grids(segmenter, translator, source,
+                                                                target), autograph=False)
 
-    @tf.function(autograph=False, jit_compile=jit_compile)
-    def train_step(source_pixels: tf.Tensor, target_pixels: tf.Tensor) -> dict:
-        results = strategy.run(trainer.replica_step, args=(source_pixels, target_pixels))
-        first = strategy.experimental_local_results
-        return {name: first(value)[0] if name.endswith("_applied") else
-                strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-                for name, value in results.items()}
+    def log_previews(step: int, writer: tf.summary.SummaryWriter) -> None:
+        grids = previews(first["source"][:num_preview_images],
+                         first["target"][:num_preview_images])
+        with writer.as_default(step=step):
+            for domain, grid in grids.items():
+                tf.summary.image(f"{domain}/image_prediction_translated_cycled", grid,
+                                 max_outputs=num_preview_images)
 
-    previews = tf.function(trainer.previews, autograph=False)
-    preview_source = first_source[:num_preview_images]
-    preview_target = first_target[:num_preview_images]
-    writer = tf.summary.create_file_writer(log_dir)
-    guards = {name: step_guard.NonFiniteCounter(f"{stage}/{name}", writer=writer,
-                                                tag=f"skipped_steps/{name}")
-              for name in ("translator", "discriminators")}
-    optimizers = {"translator": trainer.generator_optimizer,
-                  "discriminators": trainer.discriminator_optimizer}
-    progress = Progress(stage, steps, start)
-    for step in range(start + 1, steps + 1):
-        results = train_step(*next(iterator))
-        guards["translator"].update(bool(results.pop("generator_applied")), step)
-        guards["discriminators"].update(bool(results.pop("discriminator_applied")), step)
-        last = step == steps
-        if step % summary_every == 0 or last:
-            with writer.as_default(step=step):
-                for name, value in results.items():
-                    tf.summary.scalar(f"loss/{name}", value)
-                for name, optimizer in optimizers.items():
-                    tf.summary.scalar(f"learning_rate/{name}", float(optimizer.learning_rate))
-                    tf.summary.scalar(f"skipped_steps/{name}", guards[name].total)
-        if step % log_images_every == 0 or last:
-            with writer.as_default(step=step):
-                for domain, grid in previews(preview_source, preview_target).items():
-                    tf.summary.image(f"{domain}/image_prediction_translated_cycled", grid,
-                                     max_outputs=num_preview_images)
-        if step % checkpoint_every == 0 or last:
-            ckpt.save(step)
-        progress.update(step, force=last, extra=(
-            f"G {float(results['generator']):.4f}  D {float(results['discriminator']):.4f}"))
-    writer.flush()
-    checkpoints.mark_stage_done(stage_dir)
+    loop.run_stage(
+        stage_dir, log_dir, steps, tf.data.Dataset.zip(streams), make_step,
+        inference_models={"translator": translator}, configurable="train_translator",
+        strategy=strategy,
+        checkpoint_every=checkpoint_every, summary_every=summary_every,
+        triggers=[loop.Trigger(log_images_every, log_previews, "log_images")],
+        jit_compile=jit_compile)
     return translator
-
-
-def _build(segmenter: keras.Model, translator: keras.Model,
-           discriminators: dict[str, keras.Model], source_dataset: tf.data.Dataset,
-           target_dataset: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
-    """Checks the first batch of each dataset and creates every variable with inference calls.
-
-    Returns those first batches (float RGB [0, 255]) for the image previews.
-    """
-    first = {}
-    for domain, dataset, param in (("source", source_dataset, "source_dataset"),
-                                   ("target", target_dataset, "target_dataset")):
-        first[domain] = next(iter(_images_of(dataset, param).take(1)))
-        _check_image_size(first[domain], translator.size_multiple, param)
-        discriminators[domain](images.pixels_to_unit(first[domain]))
-    translator((images.pixels_to_unit(first["source"]),
-                segmenter(first["source"], training=False)))
-    return first["source"], first["target"]

@@ -1,9 +1,12 @@
-"""PyTorch networks with the peers' published layouts and state_dict key names (tests only).
+"""PyTorch networks with the peers' published layouts and state_dict key names.
 
-Written from REFERENCE.md section 2 to check the Keras networks and the converter against
-an independent implementation: DeepLabV2-ResNet101 (Caffe-style bottlenecks, ceil-mode
-max-pool, dilated layer3/layer4, ``layer5.conv2d_list`` summed), FCN8s-VGG16 (pad 100, scaled
-skips, crops 5/9/31) and the output-space discriminator.
+Written from the peers' code (liyunsheng13/BDL ``model/deeplab.py``, ``model/fcn8s.py``,
+``model/discriminator.py``; docs/facts.md section 2) to check the Keras networks and the
+converter against an independent implementation, and to time the PyTorch step in
+``sait_tf.tools.benchmark --torch``. Needs PyTorch (``pip install sait_tf[convert]``).
+Networks: DeepLabV2-ResNet101 (Caffe-style bottlenecks, ceil-mode max-pool, dilated
+layer3/layer4, ``layer5.conv2d_list`` summed), FCN8s-VGG16 (pad 100, scaled skips, crops
+5/9/31) and the output-space discriminator.
 """
 
 from __future__ import annotations

@@ -131,20 +131,6 @@ class StageCheckpoint:
         return self.manager.latest_checkpoint
 
 
-def is_stage_done(stage_dir: str) -> bool:
-    """True when ``mark_stage_done`` was called for this stage directory."""
-    return os.path.exists(os.path.join(stage_dir, "DONE"))
-
-
-def mark_stage_done(stage_dir: str) -> None:
-    """Marks a stage complete with an atomically renamed marker file."""
-    os.makedirs(stage_dir, exist_ok=True)
-    tmp = os.path.join(stage_dir, "DONE.tmp")
-    with open(tmp, "w") as f:
-        f.write("done\n")
-    os.replace(tmp, os.path.join(stage_dir, "DONE"))
-
-
 def restore_for_inference(stage_dir: str, **trackables) -> str:
     """Restores only ``trackables`` (e.g. ``segmenter=model``) from a stage's newest checkpoint."""
     latest = tf.train.latest_checkpoint(stage_dir)

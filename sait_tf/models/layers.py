@@ -1,0 +1,171 @@
+"""Layers and helpers shared by more than one architecture in ``sait_tf.models``.
+
+Segmenters (DeepLabV2, FCN8s): the Caffe input convention of the peers' checkpoints,
+PyTorch's ceil-mode max-pooling and explicit zero padding, the size-knob checks. Translation
+networks (F and its PatchGAN discriminators): spectrally normalised convolutions, which the
+paper applies to every model of the translation part (Sec. 4), and ``add_sublayers``.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from sait_tf import images
+
+
+@keras.saving.register_keras_serializable(package="sait_tf")
+class CaffePreprocess(keras.layers.Layer):
+    """RGB [0, 255] -> BGR minus the Caffe mean, inside the model so exports take raw images."""
+
+    def call(self, rgb_pixels: tf.Tensor) -> tf.Tensor:
+        return images.caffe_preprocess(rgb_pixels)
+
+
+@keras.saving.register_keras_serializable(package="sait_tf")
+class MaxPool2DCeil(keras.layers.Layer):
+    """Max-pooling with PyTorch's ``ceil_mode=True`` output size, for any (dynamic) H, W.
+
+    PyTorch: ``out = ceil((n + 2p - k) / s) + 1``, minus one when the last window would start
+    in the right padding (at or after ``n + p``). Padding never wins the max.
+    """
+
+    def __init__(self, pool_size: int, strides: int, padding: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pool_size, self.strides, self.padding = pool_size, strides, padding
+
+    def output_size(self, n: int | tf.Tensor) -> int | tf.Tensor:
+        """PyTorch's ceil-mode output length for an input length ``n`` (int or int tensor)."""
+        k, s, p = self.pool_size, self.strides, self.padding
+        out = (n + 2 * p - k + s - 1) // s + 1
+        if isinstance(n, int):
+            return out - 1 if (out - 1) * s >= n + p else out
+        return tf.where((out - 1) * s >= n + p, out - 1, out)
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        k, s, p = self.pool_size, self.strides, self.padding
+        # Pad enough on the right for the ceil-mode windows, pool, then drop a window that
+        # PyTorch's rule removes.
+        edge = [p, p + s - 1]
+        padded = tf.pad(inputs, [[0, 0], edge, edge, [0, 0]], constant_values=inputs.dtype.min)
+        pooled = tf.nn.max_pool2d(padded, k, s, "VALID")
+        shape = tf.shape(inputs)
+        return pooled[:, : self.output_size(shape[1]), : self.output_size(shape[2]), :]
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        return (batch,
+                None if height is None else self.output_size(height),
+                None if width is None else self.output_size(width),
+                channels)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides,
+                "padding": self.padding}
+
+
+def zero_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
+    """Symmetric zero padding of H and W, as in PyTorch's ``Conv2d(padding=...)``."""
+    return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+
+
+def scaled_width(width: int, width_multiplier: float) -> int:
+    """A layer width shrunk by the ``width_multiplier`` size knob (at least 1 channel)."""
+    return max(1, round(width * width_multiplier))
+
+
+def check_common_knobs(arch: str, num_classes: int, width_multiplier: float) -> None:
+    """Rejects a non-positive ``width_multiplier`` or ``num_classes`` before any layer is made."""
+    if not width_multiplier > 0:
+        raise ValueError(f"{arch}: width_multiplier must be > 0, got {width_multiplier!r}")
+    if num_classes < 1:
+        raise ValueError(f"{arch}: num_classes must be >= 1, got {num_classes!r}")
+
+
+class SpectralNormalization(keras.layers.SpectralNormalization):
+    """Keras' spectral normalisation of a ``Conv2D``, without branches and exact at inference.
+
+    ``training=True`` does what Keras does: ``power_iterations`` from the stored
+    ``vector_u``, then the kernel divided by its spectral norm estimate sigma is written back
+    into the kernel variable with the new ``vector_u`` (so gradients and optimiser updates
+    act on the normalised kernel, as in TensorFlow Addons). Keras guards an all-zero kernel
+    with a ``cond`` per call, which makes tracing a training step several times slower; here
+    sigma is floored instead. With ``training=False`` Keras convolves with the stored kernel
+    as it is: unnormalised before the first training call, and off by the last optimiser
+    update after training. Here inference convolves with the kernel the next training call
+    would use (stored kernel over sigma from the stored ``vector_u``) and changes no
+    variable, like PyTorch's ``spectral_norm`` in eval mode.
+
+    Under a mixed precision policy the normalisation runs in float32 (no autocasting inside
+    the networks that hold it): the kernel written back is the float32 master weight, not a
+    16-bit rounding that would swallow the optimiser's small updates; the convolution
+    computes in 16 bits.
+    """
+
+    def __init__(self, layer: keras.layers.Conv2D, **kwargs) -> None:
+        if not isinstance(layer, keras.layers.Conv2D) or layer.activation not in (
+                None, keras.activations.linear):
+            raise ValueError("SpectralNormalization here wraps a Conv2D without activation")
+        kwargs.setdefault("autocast", False)
+        super().__init__(layer, **kwargs)
+
+    def build(self, input_shape) -> None:
+        """Keras' build, with ``vector_u`` aggregated ONLY_FIRST_REPLICA.
+
+        Every training call writes ``vector_u`` inside the replica step; under tf.distribute
+        the first replica's value is then copied to all, so the replicas' copies cannot
+        drift apart (Keras' default aggregation lets each replica keep its own).
+        """
+        keras.layers.Wrapper.build(self, input_shape)
+        self.input_spec = keras.layers.InputSpec(min_ndim=1, axes={-1: input_shape[-1]})
+        self.kernel = self.layer.kernel
+        self.kernel_shape = self.kernel.shape
+        self.vector_u = self.add_weight(
+            shape=(1, self.kernel_shape[-1]),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02), trainable=False,
+            name="vector_u", dtype=self.layer.variable_dtype, aggregation="only_first_replica")
+
+    def normalized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(vector_u after the power iterations, kernel / sigma)``; changes no variable."""
+        kernel = self.kernel.value
+        matrix = tf.reshape(kernel, [-1, self.kernel_shape[-1]])
+        vector_u = self.vector_u.value
+        for _ in range(self.power_iterations):
+            vector_v = tf.math.l2_normalize(tf.matmul(vector_u, matrix, transpose_b=True))
+            vector_u = tf.math.l2_normalize(tf.matmul(vector_v, matrix))
+        vector_u = tf.stop_gradient(vector_u)
+        vector_v = tf.stop_gradient(vector_v)
+        sigma = tf.matmul(tf.matmul(vector_v, matrix), vector_u, transpose_b=True)
+        return vector_u, kernel / tf.maximum(sigma[0, 0], 1e-12)
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        vector_u, kernel = self.normalized_weights()
+        if training:
+            self.vector_u.assign(vector_u)
+            self.kernel.assign(kernel)
+            return self.layer(inputs)
+        compute_dtype = self.layer.compute_dtype
+        outputs = self.layer.convolution_op(tf.cast(inputs, compute_dtype),
+                                            tf.cast(kernel, compute_dtype))
+        if self.layer.use_bias:
+            outputs = outputs + tf.cast(self.layer.bias, compute_dtype)
+        return outputs
+
+
+def spectral_conv(filters: int, kernel_size: int, strides: int = 1,
+                  name: str | None = None) -> SpectralNormalization:
+    """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly)."""
+    return SpectralNormalization(
+        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid"), name=name)
+
+
+def add_sublayers(owner: keras.layers.Layer, prefix: str,
+                  layers: list[keras.layers.Layer]) -> list[keras.layers.Layer]:
+    """Sets ``layers`` as attributes ``prefix_0, prefix_1, ...`` of ``owner`` and returns them.
+
+    Keras 3.15 on TensorFlow leaves layers held in a list or dict out of
+    ``tf.train.Checkpoint``: only attributes are checkpointed.
+    """
+    for i, layer in enumerate(layers):
+        setattr(owner, f"{prefix}_{i}", layer)
+    return layers

@@ -1,0 +1,154 @@
+"""The run directory of ``python -m sait_tf.train``: its layout, its records, and its models.
+
+Every other module reaches a run's files through ``RunDir``; the layout is written down in
+docs/ARCHITECTURE.md ("Run directory"). Stages are named ``source_only``, ``oracle`` and
+``round_KK_translator`` / ``round_KK_segmenter``; a stage is finished when its checkpoint
+folder holds a DONE marker (``runtime.files``). ``run.json`` records facts of the run that
+tools need later and that must not be read back from gin (the image sizes it trained at).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import gin
+import keras
+import tensorflow as tf
+
+from sait_tf.models import build_segmenter
+from sait_tf.models.translator import Translator, build_translator
+from sait_tf.runtime import checkpoints, files
+
+SOURCE_ONLY = "source_only"
+ORACLE = "oracle"
+CONFIG_FILE = "config.gin"
+METRICS_FILE = "metrics.json"
+FINAL_FILE = "final.json"
+FACTS_FILE = "run.json"
+OVERVIEW_FILE = "overview.png"
+
+
+def round_name(round_index: int) -> str:
+    """``round_KK``: the name of round ``round_index`` (from 1) in stage and folder names."""
+    if round_index < 1:
+        raise ValueError(f"rounds are numbered from 1, got {round_index}")
+    return f"round_{round_index:02d}"
+
+
+def translator_stage(round_index: int) -> str:
+    return f"{round_name(round_index)}_translator"
+
+
+def segmenter_stage(round_index: int) -> str:
+    return f"{round_name(round_index)}_segmenter"
+
+
+def guide_stage(round_index: int) -> str:
+    """The segmenter stage whose M guided round ``round_index``'s F (and made its pseudo-labels):
+    ``source_only`` for round 1, the previous round's segmenter after."""
+    return SOURCE_ONLY if round_index == 1 else segmenter_stage(round_index - 1)
+
+
+class RunDir:
+    """Paths, records and model restoring of one run directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def checkpoint_dir(self, stage: str) -> str:
+        return os.path.join(self.path, "checkpoints", stage)
+
+    def log_dir(self, stage: str) -> str:
+        return os.path.join(self.path, "logs", stage)
+
+    def translated_dir(self, round_index: int) -> str:
+        return os.path.join(self.path, "translated", round_name(round_index))
+
+    def pseudo_label_dir(self, round_index: int) -> str:
+        return os.path.join(self.path, "pseudo_labels", round_name(round_index))
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.path, "export")
+
+    def is_done(self, stage: str) -> bool:
+        return files.is_done(self.checkpoint_dir(stage))
+
+    def require_done(self, *stages: str) -> None:
+        """Raises FileNotFoundError naming the first of ``stages`` that has not finished."""
+        for stage in stages:
+            if not self.is_done(stage):
+                raise FileNotFoundError(f"stage {stage} of {self.path!r} has not finished: no "
+                                        f"DONE marker in {self.checkpoint_dir(stage)}")
+
+    def check_writable(self) -> None:
+        """Creates the folder and writes a probe file in it, so an unusable directory fails
+        before any work (``os.access`` is no test: it says yes to root on a read-only mount)."""
+        try:
+            files.write_text_atomically(self.file(".write_test"), "ok\n")
+            os.remove(self.file(".write_test"))
+        except OSError as error:
+            raise OSError(f"--run_dir {self.path} is not a writable directory: "
+                          f"{error.strerror or error}") from error
+
+    def read_json(self, name: str) -> dict:
+        """A JSON record of the run; FileNotFoundError naming it when it is missing."""
+        path = self.file(name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; is {self.path!r} a training run?")
+        with open(path) as f:
+            return json.load(f)
+
+    def write_json(self, name: str, value: Any) -> None:
+        files.write_json_atomically(self.file(name), value)
+
+    def read_final(self) -> dict:
+        """final.json ({"segmenter_stage", "translator_stage"}), checked: the stages it names
+        must have checkpoints."""
+        final = self.read_json(FINAL_FILE)
+        if not final.get("segmenter_stage"):
+            raise ValueError(f"{self.file(FINAL_FILE)}: 'segmenter_stage' is missing")
+        for key in ("segmenter_stage", "translator_stage"):
+            stage = final.get(key)
+            if stage and tf.train.latest_checkpoint(self.checkpoint_dir(stage)) is None:
+                raise FileNotFoundError(f"{self.file(FINAL_FILE)}: {key} '{stage}' has no "
+                                        f"checkpoint in {self.checkpoint_dir(stage)}")
+        return final
+
+    def load_config(self) -> None:
+        """Parses RUN_DIR/config.gin, so the model builders get the run's architecture and sizes.
+
+        This module imports every builder a restore needs, so their bindings are known to gin;
+        bindings of the trainers' configurables are skipped.
+        """
+        path = self.file(CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"run directory {self.path!r} has no {CONFIG_FILE}")
+        gin.parse_config_file(path, skip_unknown=True)
+        try:
+            gin.query_parameter("build_segmenter.arch")
+        except ValueError as error:
+            raise ValueError(f"{path} binds no build_segmenter.arch") from error
+
+    def restore(self, stage: str, **models: keras.Model) -> str:
+        """Restores ``models`` (``segmenter=M``, ``translator=F``) from ``stage``'s newest
+        checkpoint; returns its path."""
+        return checkpoints.restore_for_inference(self.checkpoint_dir(stage), **models)
+
+    def restore_segmenter(self, stage: str) -> keras.Model:
+        """M of ``stage``, built from the run's config (``load_config`` first)."""
+        segmenter = build_segmenter()
+        self.restore(stage, segmenter=segmenter)
+        return segmenter
+
+    def restore_translator(self, stage: str, num_classes: int) -> Translator:
+        """F of ``stage`` for a segmenter of ``num_classes`` (``load_config`` first)."""
+        translator = build_translator(num_classes)
+        translator.build()
+        self.restore(stage, translator=translator)
+        return translator
