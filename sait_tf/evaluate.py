@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from PIL import Image
 
-from sait_tf import images, labels
+from sait_tf import cli, images, labels
 from sait_tf.cli import parse_size
 from sait_tf.data import readers, scan
 from sait_tf.metrics import ConfusionMatrix, confusion_counts
@@ -287,7 +287,7 @@ def check_flags(values: flags.FlagValues) -> None:
         raise app.UsageError(f"--saved_model {values.saved_model!r} has no saved_model.pb")
 
 
-def run(values: flags.FlagValues) -> dict:
+def evaluate_from_flags(values: flags.FlagValues) -> dict:
     """The program on parsed flags: evaluates, writes ``--output`` and returns the result."""
     check_flags(values)
     input_size = parse_size(values.input_size, "input_size")
@@ -315,7 +315,7 @@ def run(values: flags.FlagValues) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    run(flags.FLAGS)
+    evaluate_from_flags(flags.FLAGS)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -348,6 +348,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         define(name, default, help=help_text, flag_values=flag_values, **extra)
     flags.mark_flags_as_required(["dataset", "root", "output"], flag_values=flag_values)
 
+def run() -> None:
+    """The ``sait-evaluate`` command."""
+    cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import keras
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sait_tf import images
+from sait_tf import cli, images
 from sait_tf.models import build_segmenter
 from sait_tf.models.translator import build_translator, translate_pixels
 from sait_tf.run_dir import RunDir
@@ -174,19 +173,19 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     flags.DEFINE_string("run_dir", None, "Training run directory (config.gin, final.json).")
     flags.DEFINE_string("export_base", None, "TF Serving model base path; default RUN_DIR/export.")
+    flags.mark_flag_as_required("run_dir")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        written = export_run(FLAGS.run_dir, FLAGS.export_base)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    for name, path in written.items():
+    for name, path in export_run(FLAGS.run_dir, FLAGS.export_base).items():
         print(f"{name}: {path}")
 
 
+def run() -> None:
+    """The ``sait-export`` command."""
+    cli.run(main, _define_flags)
+
+
 if __name__ == "__main__":
-    _define_flags()
-    flags.mark_flag_as_required("run_dir")
-    app.run(main)
+    run()

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
-from sait_tf import images
+from sait_tf import cli, images
 from sait_tf.runtime import files
 from sait_tf.runtime.progress import Progress
 
@@ -229,6 +229,10 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["translated", "reference", "inception_weights"])
 
 
+def run() -> None:
+    """``python -m sait_tf.quality``."""
+    cli.run(main, _define_flags)
+
+
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    run()

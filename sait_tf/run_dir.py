@@ -4,22 +4,27 @@ Every other module reaches a run's files through ``RunDir``; the layout is writt
 docs/ARCHITECTURE.md ("Run directory"). Stages are named ``source_only``, ``oracle`` and
 ``round_KK_translator`` / ``round_KK_segmenter``; a stage is finished when its checkpoint
 folder holds a DONE marker (``runtime.files``). ``run.json`` records facts of the run that
-tools need later and that must not be read back from gin (the image sizes it trained at).
+tools need later and that must not be read back from gin (the image sizes it trained at);
+``bindings.gin`` the gin configuration the run was started with, against which a resumed
+job's configuration is checked. One job at a time holds the directory (``lock``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import gin
 import keras
 import tensorflow as tf
+from gin import config_parser
 
 from sait_tf.models import build_segmenter
 from sait_tf.models.translator import Translator, build_translator
 from sait_tf.runtime import checkpoints, files
+from sait_tf.runtime.lock import DirectoryLock
 
 SOURCE_ONLY = "source_only"
 ORACLE = "oracle"
@@ -28,6 +33,15 @@ METRICS_FILE = "metrics.json"
 FINAL_FILE = "final.json"
 FACTS_FILE = "run.json"
 OVERVIEW_FILE = "overview.png"
+BINDINGS_FILE = "bindings.gin"
+CONFIG_CHANGES_FILE = "config_changes.json"
+# What to do about a damaged record, by file name.
+_REPAIR = {
+    METRICS_FILE: "delete it and run the training command again: finished stages are kept "
+                  "and evaluated again",
+    FINAL_FILE: "delete it and run the training command again (it rewrites it), or export "
+                "the stage you want with --run_dir after restoring the file",
+}
 
 
 def round_name(round_index: int) -> str:
@@ -56,6 +70,12 @@ class RunDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock = DirectoryLock(path)
+
+    def lock(self) -> None:
+        """Holds the directory for this process (``DirectoryLocked`` naming the holder when
+        another live process has it); released when the process ends."""
+        self._lock.acquire()
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -101,8 +121,12 @@ class RunDir:
         path = self.file(name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist; is {self.path!r} a training run?")
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except ValueError as error:
+            repair = _REPAIR.get(name, "delete it and run the command that wrote it again")
+            raise ValueError(f"{path} is damaged ({error}); {repair}") from None
 
     def write_json(self, name: str, value: Any) -> None:
         files.write_json_atomically(self.file(name), value)
@@ -119,6 +143,36 @@ class RunDir:
                 raise FileNotFoundError(f"{self.file(FINAL_FILE)}: {key} '{stage}' has no "
                                         f"checkpoint in {self.checkpoint_dir(stage)}")
         return final
+
+    def check_config(self, config: str, accept_change: bool) -> list[str]:
+        """Compares ``config`` (``gin.config_str()`` of this start) with the bindings the run
+        was started with; returns the differences. Raises ValueError naming every differing
+        binding unless ``accept_change``. Writes nothing."""
+        path = self.file(BINDINGS_FILE)
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            differences = config_differences(f.read(), config)
+        if differences and not accept_change:
+            raise ValueError(
+                f"{self.path} was started with another configuration ({path}); "
+                f"{len(differences)} binding(s) differ: {'; '.join(differences)}. Use the "
+                "run's configuration, another --run_dir, or --accept_config_change to go on "
+                f"with the new one (recorded in {CONFIG_CHANGES_FILE})")
+        return differences
+
+    def record_config(self, config: str, differences: list[str]) -> None:
+        """Stores ``config`` as the run's bindings on its first start, or after an accepted
+        change, which is appended to config_changes.json."""
+        if differences:
+            changes = []
+            if os.path.isfile(self.file(CONFIG_CHANGES_FILE)):
+                changes = self.read_json(CONFIG_CHANGES_FILE)
+            changes.append({"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                            "differences": differences})
+            self.write_json(CONFIG_CHANGES_FILE, changes)
+        if differences or not os.path.isfile(self.file(BINDINGS_FILE)):
+            files.write_text_atomically(self.file(BINDINGS_FILE), config)
 
     def load_config(self) -> None:
         """Parses RUN_DIR/config.gin, so the model builders get the run's architecture and sizes.
@@ -152,3 +206,32 @@ class RunDir:
         translator.build()
         self.restore(stage, translator=translator)
         return translator
+
+
+class _LiteralDelegate(config_parser.ParserDelegate):
+    """Keeps references and macros as their text, so two configs compare as written."""
+
+    def configurable_reference(self, scoped_name: str, evaluate: bool) -> str:
+        return f"@{scoped_name}{'()' if evaluate else ''}"
+
+    def macro(self, name: str) -> str:
+        return f"%{name}"
+
+
+def binding_values(config: str) -> dict[str, str]:
+    """{"[scope/]configurable.parameter" or macro name: value as text} of a gin config."""
+    values = {}
+    for statement in config_parser.ConfigParser(config, _LiteralDelegate()):
+        if isinstance(statement, config_parser.BindingStatement):
+            key = "/".join(part for part in (statement.scope, statement.selector) if part)
+            if statement.arg_name:
+                key += f".{statement.arg_name}"
+            values[key] = repr(statement.value)
+    return values
+
+
+def config_differences(recorded: str, current: str) -> list[str]:
+    """"binding: old -> new" for every binding that differs between two gin configs."""
+    old, new = binding_values(recorded), binding_values(current)
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]

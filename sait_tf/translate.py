@@ -19,14 +19,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from sait_tf import images
+from sait_tf import cli, images
 from sait_tf import run_dir as run_dir_lib
-from sait_tf.cli import parse_size
 from sait_tf.data import readers
 from sait_tf.data.translated_set import is_translated, write_example
 from sait_tf.models.translator import translate_pixels
 from sait_tf.run_dir import RunDir, guide_stage
-from sait_tf.runtime import files
+from sait_tf.runtime import files, preemption
 from sait_tf.runtime.progress import Progress
 
 TranslateFn = Callable[[tf.Tensor], tf.Tensor]
@@ -74,6 +73,8 @@ def translate_dataset(translate_fn: TranslateFn, examples: Sequence[readers.Exam
                 write_example(out_root, name.decode(), image, ids)
                 written += 1
             progress.update(written)
+            preemption.check(f"after {written} of {len(examples)} examples translated into "
+                             f"{out_root}")
     files.mark_done(out_root)
     logging.info("translate: wrote %d examples to %s", len(pending), out_root)
     return len(pending)
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> None:
                                      split=values.source_split, list_file=values.list,
                                      labels_from=None)
     out = values.out or RunDir(values.run_dir).translated_dir(values.round)
-    resize = parse_size(values.resize, "resize") or run_source_resize(values.run_dir)
+    resize = cli.parse_size(values.resize, "resize") or run_source_resize(values.run_dir)
     segmenter, translator = restore_models(values.run_dir, values.round)
     logging.info("translating %d %s examples at %s into %s", len(examples),
                  values.source_dataset, resize or "their own size", out)
@@ -148,6 +149,12 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["run_dir", "round", "source_root"])
 
 
+def run() -> None:
+    """The ``sait-translate`` command; SIGTERM or Ctrl-C stops it after the current batch
+    (the examples written are kept, and the same command continues)."""
+    preemption.install_handlers()
+    cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

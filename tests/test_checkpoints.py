@@ -1,4 +1,8 @@
-"""The checkpoint helper saves every variable, including layers kept in Python lists."""
+"""The checkpoint helper saves every variable, including layers kept in Python lists, and
+falls back from a damaged checkpoint to the newest intact one."""
+
+import logging
+import os
 
 import keras
 import numpy as np
@@ -73,3 +77,52 @@ def test_restoring_into_a_model_of_other_shape_fails(tmp_path):
     other = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Dense(3)(inputs)))
     with pytest.raises((ValueError, AssertionError)):
         checkpoints.restore_for_inference(str(tmp_path), segmenter=other)
+
+
+def _damage(path: str, how: str) -> None:
+    """Truncates ``path`` to half, or flips bytes in its middle."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if how == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size // 2)
+            f.write(bytes(255 - b for b in f.read(8)))
+            f.seek(size // 2)
+
+
+def _two_saves(stage: str) -> tuple[keras.Model, list[np.ndarray]]:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64)])
+    ckpt = checkpoints.StageCheckpoint(stage, model=model)
+    ckpt.save(1)
+    first = [v.numpy().copy() for v in model.variables]
+    for v in model.variables:
+        v.assign(v + 1.0)
+    ckpt.save(2)
+    return model, first
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, how):
+    stage = str(tmp_path / "stage")
+    model, first = _two_saves(stage)
+    _damage(os.path.join(stage, "ckpt-2.data-00000-of-00001"), how)
+    restored = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64)])
+    with caplog.at_level(logging.WARNING):
+        step = checkpoints.StageCheckpoint(stage, model=restored).restore_latest()
+    assert step == 1
+    for want, got in zip(first, restored.variables, strict=True):
+        np.testing.assert_array_equal(want, got.numpy())
+    assert "ckpt-2" in caplog.text and "damaged" in caplog.text
+    inference = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64)])
+    assert checkpoints.restore_for_inference(stage, model=inference).endswith("ckpt-1")
+
+
+def test_no_intact_checkpoint_is_one_error_naming_the_stage(tmp_path):
+    stage = str(tmp_path / "round_01_translator")
+    _two_saves(stage)
+    for number in (1, 2):
+        _damage(os.path.join(stage, f"ckpt-{number}.data-00000-of-00001"), "truncate")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64)])
+    with pytest.raises(ValueError, match="no intact checkpoint in .*round_01_translator"):
+        checkpoints.StageCheckpoint(stage, model=model).restore_latest()

@@ -265,7 +265,7 @@ def test_program_with_checkpoint_equals_in_process_evaluation(tmp_path):
 
     output = tmp_path / "eval.json"
     try:
-        evaluate.run(_parsed_flags(
+        evaluate.evaluate_from_flags(_parsed_flags(
             "--dataset=cityscapes", f"--root={root}", f"--checkpoint={tmp_path / 'stage'}",
             "--input_size=16,24", f"--output={output}", *[f"--gin_param={b}" for b in bindings]))
         restored = evaluate.build_model_from_checkpoint(str(tmp_path / "m.weights.h5"))

@@ -596,8 +596,12 @@ def _define_flags() -> None:
     flags.mark_flag_as_required("out")
 
 
-if __name__ == "__main__":
-    from absl import app
+def run() -> None:
+    """``python -m sait_tf.data.synthetic``."""
+    from sait_tf import cli
 
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -114,12 +115,19 @@ class StageCheckpoint:
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
 
     def restore_latest(self) -> int:
-        """Restores the newest checkpoint if there is one; returns the step it resumes at."""
-        latest = self.manager.latest_checkpoint
-        if latest:
-            _check_fits(latest, self.objects)
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Resumed %s at step %d", latest, int(self.step.numpy()))
+        """Restores the newest intact checkpoint if there is one; returns its step.
+
+        A damaged checkpoint (truncated or corrupted files) gets a warning naming it and the
+        one before it is tried.
+        """
+
+        def restore(path: str) -> None:
+            _check_fits(path, self.objects)
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+
+        restored = restore_newest_intact(self.manager.checkpoints, restore, self.directory)
+        if restored:
+            logging.info("Resumed %s at step %d", restored, int(self.step.numpy()))
         return int(self.step.numpy())
 
     def save(self, step: int) -> str:
@@ -132,11 +140,39 @@ class StageCheckpoint:
 
 
 def restore_for_inference(stage_dir: str, **trackables) -> str:
-    """Restores only ``trackables`` (e.g. ``segmenter=model``) from a stage's newest checkpoint."""
-    latest = tf.train.latest_checkpoint(stage_dir)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {stage_dir}")
+    """Restores only ``trackables`` (e.g. ``segmenter=model``) from a stage's newest intact
+    checkpoint; returns its path."""
+    state = tf.train.get_checkpoint_state(stage_dir)
+    paths = list(state.all_model_checkpoint_paths) if state else []
     objects = {name: _checkpointable(name, obj) for name, obj in trackables.items()}
-    _check_fits(latest, objects)
-    tf.train.Checkpoint(**objects).restore(latest).expect_partial().assert_existing_objects_matched()
-    return latest
+
+    def restore(path: str) -> None:
+        _check_fits(path, objects)
+        tf.train.Checkpoint(**objects).restore(path).expect_partial() \
+            .assert_existing_objects_matched()
+
+    restored = restore_newest_intact(paths, restore, stage_dir)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {stage_dir}")
+    return restored
+
+
+def restore_newest_intact(paths: list[str], restore: Callable[[str], None],
+                          directory: str) -> str | None:
+    """Calls ``restore`` on ``paths`` from the newest until one succeeds; returns it (None
+    without paths). TensorFlow's read errors (a truncated file, a checksum mismatch, a
+    missing shard) mark a checkpoint as damaged; other errors, such as a checkpoint of
+    another network, propagate."""
+    for path in reversed(paths):
+        try:
+            restore(path)
+            return path
+        except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated file
+            reason = " ".join(str(getattr(error, "message", error)).split())[:200]
+            logging.warning("checkpoint %s is damaged (%s); trying the one before it", path,
+                            reason)
+    if paths:
+        raise ValueError(f"no intact checkpoint in {directory} (damaged: "
+                         f"{', '.join(os.path.basename(p) for p in paths)}); delete the folder "
+                         "to train that stage again")
+    return None

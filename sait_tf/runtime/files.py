@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,10 +47,21 @@ def write_text_atomically(path: str, text: str) -> None:
         f.write(text)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_json_atomically(path: str, value: Any) -> None:
-    """Writes ``value`` as indented JSON to ``path`` through ``atomic_open``."""
+    """Writes ``value`` as indented, strict JSON (NaN as null) to ``path``."""
     with atomic_open(path) as f:
-        json.dump(value, f, indent=1)
+        json.dump(strict_json(value), f, indent=1, allow_nan=False)
 
 
 def is_done(folder: str) -> bool:

@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sait_tf import export, images, labels
+from sait_tf import cli, export, images, labels
 from sait_tf.data import readers, synthetic
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import build_patch_discriminator
@@ -679,11 +679,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
-    try:
-        config = config_from_flags()
-        check_config(config)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    config = config_from_flags()
+    check_config(config)
     result = run_benchmark(config)
     result["command"] = "python -m sait_tf.tools.benchmark " + shlex.join(sys.argv[1:])
     if FLAGS.json:
@@ -694,5 +691,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 from absl import app, flags, logging
 
+from sait_tf import cli
 from sait_tf.models import Segmenter, build_segmenter
 from sait_tf.models.deeplabv2 import FrozenBatchNorm
 
@@ -323,4 +324,4 @@ def _parse_absl_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_absl_flags)
+    app.run(cli.guarded(main), flags_parser=_parse_absl_flags)

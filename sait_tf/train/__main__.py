@@ -2,7 +2,8 @@
 
 Parses the gin files and bindings first (a bad binding exits non-zero with gin's message
 before anything is written), then runs or resumes ``run_pipeline`` in the run directory.
-Running the same command again continues a killed run where it stopped.
+Running the same command again continues a killed run where it stopped; SIGTERM or Ctrl-C
+stops it after the current step, checkpointed. Errors are one line (``sait_tf.cli``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 import gin
 from absl import app, flags, logging
 
+from sait_tf import cli
+from sait_tf.runtime import preemption
 from sait_tf.train.pipeline import run_pipeline
-from sait_tf.train.step_guard import DivergenceError
 
 FLAGS = flags.FLAGS
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
@@ -29,6 +31,9 @@ def define_flags() -> None:
                               "\"SOURCE_ROOT='/data/gta5'\".")
     flags.DEFINE_string("run_dir", None, "Run directory; default runs/<timestamp>. Give it to "
                         "resume a killed run.")
+    flags.DEFINE_bool("accept_config_change", False, "Resume a run with a configuration that "
+                      "differs from the one it was started with (the change is recorded in "
+                      "RUN_DIR/config_changes.json).")
     flags.mark_flag_as_required("gin_file")
 
 
@@ -57,31 +62,25 @@ def parse_gin(gin_files: list[str], gin_params: list[str]) -> None:
     gin.parse_config_files_and_bindings(gin_files, gin_params)
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line, without gin's "In call to configurable" trail."""
-    lines = (line.strip() for line in str(error).splitlines())
-    return " ".join(line for line in lines
-                    if line and not line.startswith("In call to configurable"))
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         parse_gin(FLAGS.gin_file, FLAGS.gin_param)
     except Exception as e:  # gin raises ValueError, SyntaxError, TokenError, OSError...
-        sys.exit(f"error in the gin configuration: {one_line(e)}")
+        if cli.verbose():
+            raise
+        sys.exit(f"error in the gin configuration: {cli.one_line(e)}")
     run_dir = FLAGS.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     logging.info("run directory: %s", run_dir)
-    try:
-        run_pipeline(run_dir)
-    except (OSError, ValueError, DivergenceError) as e:
-        # Bad data, settings, weights or run directory, and divergence: their messages name
-        # the culprit. The traceback is logged at --verbosity=1.
-        logging.debug("traceback of the error below", exc_info=True)
-        sys.exit(f"error: {one_line(e)}")
+    preemption.install_handlers()
+    run_pipeline(run_dir, accept_config_change=FLAGS.accept_config_change)
+
+
+def run() -> None:
+    """The ``sait-train`` command."""
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

@@ -4,7 +4,9 @@ A trainer supplies a ``StageStep``: the per-replica update of its models (the me
 equations) and what to checkpoint. The loop owns everything around it: the DONE check and the
 restore of a finished stage, the strategy scope, the checkpoint and its resume, the
 distributed iterator, the reduction of the replicas' results, the divergence guards, the
-periodic summaries, checkpoints and triggers (evaluation, image previews), and progress.
+periodic summaries, checkpoints and triggers (evaluation, image previews), progress, and
+pre-emption (SIGTERM, SIGINT: the current step finishes, is checkpointed, and the stage
+stops with ``preemption.Preempted``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from sait_tf.runtime import checkpoints, files
+from sait_tf.runtime import checkpoints, files, preemption
 from sait_tf.runtime.progress import Progress
 from sait_tf.train import distribute, step_guard
 
@@ -121,28 +123,32 @@ def run_stage(
                                                 tag=f"skipped_steps/{name}")
               for name in step_object.guarded}
     progress = Progress(stage, steps, start)
-    for step in range(start + 1, steps + 1):
-        results = train_step(next(iterator))
-        for name, guard in guards.items():
-            guard.update(bool(results.pop(name + APPLIED_SUFFIX)), step)
-        last = step == steps
-        if step % summary_every == 0 or last:
-            with writer.as_default(step=step):
-                for name, value in results.items():
-                    tf.summary.scalar(f"loss/{name}", value)
-                for name, value in step_object.learning_rates().items():
-                    tf.summary.scalar(f"learning_rate/{name}", value)
-                for name, guard in guards.items():
-                    tf.summary.scalar(f"skipped_steps/{name}", guard.total)
-        for trigger in triggers:
-            if step % trigger.every == 0 or last:
-                trigger.fn(step, writer)
-        if step % checkpoint_every == 0 or last:
-            ckpt.save(step)
-        progress.update(step, extra=step_object.progress_text(results), force=last)
-    if start >= steps:
-        for trigger in triggers:
-            trigger.fn(steps, writer)
-    writer.flush()
+    try:
+        for step in range(start + 1, steps + 1):
+            results = train_step(next(iterator))
+            for name, guard in guards.items():
+                guard.update(bool(results.pop(name + APPLIED_SUFFIX)), step)
+            last = step == steps
+            if step % summary_every == 0 or last:
+                with writer.as_default(step=step):
+                    for name, value in results.items():
+                        tf.summary.scalar(f"loss/{name}", value)
+                    for name, value in step_object.learning_rates().items():
+                        tf.summary.scalar(f"learning_rate/{name}", value)
+                    for name, guard in guards.items():
+                        tf.summary.scalar(f"skipped_steps/{name}", guard.total)
+            for trigger in triggers:
+                if step % trigger.every == 0 or last:
+                    trigger.fn(step, writer)
+            stopping = preemption.requested() is not None
+            if step % checkpoint_every == 0 or last or stopping:
+                ckpt.save(step)
+            progress.update(step, extra=step_object.progress_text(results), force=last)
+            preemption.check(f"after step {step}/{steps} of {stage} (checkpoint saved)")
+        if start >= steps:
+            for trigger in triggers:
+                trigger.fn(steps, writer)
+    finally:
+        writer.flush()
     files.mark_done(stage_dir)
     return True

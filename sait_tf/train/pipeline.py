@@ -38,6 +38,7 @@ from sait_tf.models.translator import DOMAINS, build_translator
 from sait_tf.run_dir import RunDir
 from sait_tf.runtime import files
 from sait_tf.runtime.checkpoints import StageCheckpoint
+from sait_tf.train import optimizers, settings, step_guard
 from sait_tf.train.distribute import make_strategy, set_precision
 from sait_tf.train.pseudo_labels import generate_pseudo_labels
 from sait_tf.train.segmentation import train_segmenter
@@ -97,7 +98,7 @@ class Schedule:
     seed: int
 
 
-@gin.configurable(denylist=["run_dir"])
+@gin.configurable(denylist=["run_dir", "accept_config_change"])
 def run_pipeline(
     run_dir: str,
     synthetic_pair_root: str | None = None,
@@ -117,6 +118,7 @@ def run_pipeline(
     num_classes_reported: int = labels.NUM_CLASSES,
     seed: int = 0,
     export: bool = True,
+    accept_config_change: bool = False,
 ) -> dict:
     """Runs (or resumes) the whole method in ``run_dir``; returns the metrics.
 
@@ -127,12 +129,21 @@ def run_pipeline(
     skips the oracle. ``adversarial`` adds D_seg (``build_output_discriminator``) to M's
     rounds. Every stage trains under ``make_strategy`` (gin) in the precision of
     ``set_precision``; ``batch_size`` and ``translator_batch_size`` are global batches.
+
+    Every check happens before the first write to ``run_dir``: the bindings of the job's
+    configurables, the directory's lock (one job per run directory), the configuration
+    against the one the run was started with (``accept_config_change`` records a change
+    instead of refusing it), the data and the initial weights.
     """
     schedule = Schedule(source_only_steps, oracle_steps, max_rounds, translator_steps,
                         segmenter_steps, patience, batch_size, translator_batch_size,
                         translator_crop, flip, seed)
     _check_settings(schedule, init_weights)
+    settings.check_bindings(_job_configurables())
     run = RunDir(run_dir)
+    run.lock()
+    config = gin.config_str()
+    config_differences = run.check_config(config, accept_config_change)
     run.check_writable()
     files.remove_stale_temporaries(run.path, recursive=False)
     started = time.monotonic()
@@ -146,6 +157,10 @@ def run_pipeline(
               num_classes_reported, init_weights)
     with strategy.scope():
         job.segmenter = _load_init(build_segmenter(), init_weights)
+    run.record_config(config, config_differences)
+    if config_differences:
+        logging.warning("configuration changed on resume (accepted): %s",
+                        "; ".join(config_differences))
     run.write_json(layout.FACTS_FILE, {"source": dataclasses.asdict(job.source),
                                        "target": dataclasses.asdict(job.target),
                                        "num_classes": job.segmenter.num_classes})
@@ -230,8 +245,7 @@ class Job:
         self.init_weights = init_weights
         self.source, self.target = source, target
         self.num_classes_reported = num_classes_reported
-        self.examples = _list_and_scan(source, target, schedule.oracle_steps > 0,
-                                       on_size_mismatch)
+        self.examples = _list_and_scan(source, target, schedule, on_size_mismatch)
         self.val_data = evaluation_dataset(self.examples["target_val"], input_size=target.resize)
         self.segmenter: keras.Model | None = None
         self._translator: keras.Model | None = None
@@ -367,13 +381,15 @@ class Job:
         logging.info("overview picture: %s", path)
 
 
-def _list_and_scan(source: DomainData, target: DomainData, want_oracle: bool,
+def _list_and_scan(source: DomainData, target: DomainData, schedule: Schedule,
                    on_size_mismatch: str) -> dict[str, list[readers.Example]]:
-    """The examples of each stream, checked by the start-up scan (which names a bad file).
+    """The examples of each stream, checked by the start-up scan (which names a bad file),
+    and whether the batches of every stage can be formed from them.
 
     ``target_train_labelled`` is empty unless the oracle runs and the target train split has
     labels; ``target_train`` never carries labels, so no stage can use them by mistake.
     """
+    want_oracle = schedule.oracle_steps > 0
     source_examples = readers.list_examples(source.dataset, source.root, "train",
                                             source.train_list)
     target_train = readers.list_examples(target.dataset, target.root, "train",
@@ -385,14 +401,51 @@ def _list_and_scan(source: DomainData, target: DomainData, want_oracle: bool,
                         target.root)
     if not (want_oracle and has_labels):
         target_train = [ex._replace(label=None) for ex in target_train]
-    target_train = scan.scan_examples(target_train, on_size_mismatch=on_size_mismatch).examples
+    target_report = scan.scan_examples(target_train, on_size_mismatch=on_size_mismatch)
+    source_report = scan.scan_examples(source_examples, on_size_mismatch=on_size_mismatch)
+    for stream, report, batch, resize, crop, fix in (
+            ("source", source_report, ("batch_size", schedule.batch_size), source.resize,
+             source.crop, "source_domain.resize or source_domain.crop"),
+            ("source", source_report, ("translator_batch_size", schedule.translator_batch_size),
+             source.resize, schedule.translator_crop,
+             "source_domain.resize or run_pipeline.translator_crop"),
+            ("target train", target_report, ("batch_size", schedule.batch_size), target.resize,
+             None, "target_domain.resize"),
+            ("target train", target_report,
+             ("translator_batch_size", schedule.translator_batch_size), target.resize,
+             schedule.translator_crop, "target_domain.resize or run_pipeline.translator_crop")):
+        _check_batchable(stream, report.image_sizes, batch, resize, crop, fix)
+    target_train = target_report.examples
     return {
-        "source": scan.scan_examples(source_examples,
-                                     on_size_mismatch=on_size_mismatch).examples,
+        "source": source_report.examples,
         "target_train_labelled": target_train if want_oracle and has_labels else [],
         "target_train": [ex._replace(label=None) for ex in target_train],
         "target_val": scan.scan_examples(target_val).examples,
     }
+
+
+def _check_batchable(stream: str, image_sizes: dict[tuple[int, int], int],
+                     batch: tuple[str, int], resize: Size | None, crop: Size | None,
+                     fix: str) -> None:
+    """Images of several sizes cannot share a batch unless they are resized or cropped."""
+    name, size = batch
+    if size > 1 and resize is None and crop is None and len(image_sizes) > 1:
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(image_sizes)[:3])
+        more = ", ..." if len(image_sizes) > 3 else ""
+        raise ValueError(f"run_pipeline.{name} = {size} batches {stream} images of "
+                         f"{len(image_sizes)} sizes ({sizes}{more}) without resizing or "
+                         f"cropping them: set {fix}")
+
+
+def _job_configurables() -> list:
+    """Every configurable the job calls, whose bindings ``settings.check_bindings`` checks."""
+    return [run_pipeline, source_domain, target_domain, train_segmenter, train_translator,
+            generate_pseudo_labels, build_segmenter, build_translator,
+            build_patch_discriminator, build_output_discriminator, make_strategy,
+            set_precision, step_guard.NonFiniteCounter, synthetic.ensure_synthetic_pair,
+            optimizers.segmentation_optimizer, optimizers.deeplabv2_optimizer,
+            optimizers.fcn8s_optimizer, optimizers.adam_optimizer,
+            optimizers.discriminator_optimizer, readers.make_dataset, scan.scan_examples]
 
 
 def _check_settings(schedule: Schedule, init_weights: str | None) -> None:

@@ -26,7 +26,7 @@ from absl import logging
 
 from sait_tf import images, labels
 from sait_tf.data import readers
-from sait_tf.runtime import files
+from sait_tf.runtime import files, preemption
 from sait_tf.runtime.progress import Progress
 
 HISTOGRAM_BINS = 2**16
@@ -139,6 +139,7 @@ def generate_pseudo_labels(
         images.write_png(os.path.join(out_dir, f"{name}.png"), label)
         kept += int(np.sum(label != labels.IGNORE_INDEX))
         total += label.size
+        preemption.check(f"after pseudo-label {name} in {out_dir}")
     if total:
         logging.info("pseudo-labels: %d files in %s, %.1f%% of their pixels labelled",
                      len(todo), out_dir, 100.0 * kept / total)
