@@ -67,7 +67,8 @@ def _check_metrics(run_dir) -> dict:
     assert set(metrics) == {"source_only", "oracle", "rounds", "final", "wall_time_s"}
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for evaluation in (metrics["oracle"], *metrics["rounds"]):
-        ious = list(evaluation["per_class_iou"].values())
+        # Strict JSON: an undefined IoU is null.
+        ious = [math.nan if iou is None else iou for iou in evaluation["per_class_iou"].values()]
         assert list(evaluation["per_class_iou"]) == list(labels.CLASS_NAMES)
         assert math.isclose(evaluation["mIoU"], np.nanmean(ious), rel_tol=1e-9)
     candidates = [metrics["source_only"]["mIoU"]] + [r["mIoU"] for r in metrics["rounds"]]
@@ -133,7 +134,7 @@ def test_end_to_end_run_then_resume_after_a_kill(tmp_path):
         os.remove(os.path.join(run_dir, path))
     round_1 = metrics["rounds"][0]
     round_1["mIoU"] = 12.345
-    round_1["per_class_iou"] = {name: iou if math.isnan(iou) else 12.345
+    round_1["per_class_iou"] = {name: None if iou is None else 12.345
                                 for name, iou in round_1["per_class_iou"].items()}
     del metrics["final"], metrics["rounds"][1]
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:

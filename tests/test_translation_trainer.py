@@ -158,15 +158,19 @@ def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
                                    rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_a_finished_stage_only_restores_the_translator(continuous):
+def test_a_finished_stage_only_restores_the_translator_and_discriminators(continuous):
+    """The next round goes on from both, as in an uninterrupted run."""
     segmenter = _segmenter()
     translator, discriminators = _models(segmenter)
     stage = os.path.join(continuous["root"], "stage")
     train_translator(segmenter, translator, discriminators, _dataset(0), _dataset(1), stage,
                      os.path.join(continuous["root"], "logs_again"), STEPS)
-    for restored, trained in zip(translator.variables, continuous["translator"].variables,
-                                 strict=True):
-        np.testing.assert_array_equal(restored.numpy(), trained.numpy())
+    restored = translator.variables + [
+        v for d in DOMAINS for v in discriminators[d].variables]
+    trained = continuous["translator"].variables + [
+        v for d in DOMAINS for v in continuous["discriminators"][d].variables]
+    for got, want in zip(restored, trained, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
     assert tf.train.latest_checkpoint(stage).endswith("ckpt-4")
 
 

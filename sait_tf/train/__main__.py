@@ -8,6 +8,7 @@ stops it after the current step, checkpointed. Errors are one line (``sait_tf.cl
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ import time
 
 import gin
 from absl import app, flags, logging
+from gin import resource_reader
 
 from sait_tf import cli
 from sait_tf.runtime import preemption
@@ -50,8 +52,17 @@ def _folders_of(gin_file: str, folders: list[str]) -> None:
                 _folders_of(candidate, folders)
 
 
+def _not_a_package_probe(record: python_logging.LogRecord) -> bool:
+    """False for the records of gin's look-up of a config file as a Python package resource,
+    which gin tries for every search path that does not hold the file and which logs "Path
+    not found: FILE" as an error; a file found nowhere is still gin's IOError."""
+    return record.pathname != resource_reader.__file__
+
+
 def parse_gin(gin_files: list[str], gin_params: list[str]) -> None:
-    """Parses the config; ``include`` paths are also resolved next to the including file."""
+    """Parses the config. A relative ``include`` is looked up in the working directory, then
+    next to the including file (and the other files of the include tree), without the false
+    "Path not found" errors gin logs while it searches."""
     folders: list[str] = []
     for path in gin_files:
         if not os.path.isfile(path):
@@ -59,7 +70,12 @@ def parse_gin(gin_files: list[str], gin_params: list[str]) -> None:
         _folders_of(path, folders)
     for folder in folders:
         gin.add_config_file_search_path(folder)
-    gin.parse_config_files_and_bindings(gin_files, gin_params)
+    root_logger = python_logging.getLogger()
+    root_logger.addFilter(_not_a_package_probe)
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_params)
+    finally:
+        root_logger.removeFilter(_not_a_package_probe)
 
 
 def main(argv: list[str]) -> None:

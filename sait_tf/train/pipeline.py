@@ -16,7 +16,10 @@ directory's layout belongs to ``sait_tf.run_dir``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +41,8 @@ from sait_tf.models.translator import DOMAINS, build_translator
 from sait_tf.run_dir import RunDir
 from sait_tf.runtime import files
 from sait_tf.runtime.checkpoints import StageCheckpoint
-from sait_tf.train import optimizers, settings, step_guard
+from sait_tf.runtime.progress import format_duration
+from sait_tf.train import optimizers, settings, step_guard, summaries
 from sait_tf.train.distribute import make_strategy, set_precision
 from sait_tf.train.pseudo_labels import generate_pseudo_labels
 from sait_tf.train.segmentation import train_segmenter
@@ -155,6 +159,7 @@ def run_pipeline(
         synthetic.ensure_synthetic_pair(synthetic_pair_root)
     job = Job(run, strategy, schedule, source_domain(), target_domain(), on_size_mismatch,
               num_classes_reported, init_weights)
+    job.seed("segmenter")
     with strategy.scope():
         job.segmenter = _load_init(build_segmenter(), init_weights)
     run.record_config(config, config_differences)
@@ -216,6 +221,7 @@ def run_round(job: Job, round_index: int, adversarial: bool) -> dict:
     job.examples["pseudo_labelled"] = readers.list_examples(
         job.target.dataset, job.target.root, "train", job.target.train_list,
         labels_from=pseudo_label_dir)
+    job.seed(f"{segmenter_stage}/output_discriminator")
     with job.strategy.scope():
         discriminator = build_output_discriminator() if adversarial else None
     result = job.train_segmenter_stage(
@@ -243,6 +249,7 @@ class Job:
                  num_classes_reported: int, init_weights: str | None) -> None:
         self.run, self.strategy, self.schedule = run, strategy, schedule
         self.init_weights = init_weights
+        self.started = time.monotonic()
         self.source, self.target = source, target
         self.num_classes_reported = num_classes_reported
         self.examples = _list_and_scan(source, target, schedule, on_size_mismatch)
@@ -257,7 +264,9 @@ class Job:
         self._config_step = 0
 
     def save_metrics(self) -> None:
+        """metrics.json and the TensorBoard run logs/pipeline drawn from it."""
         self.run.write_json(layout.METRICS_FILE, self.metrics)
+        summaries.write_pipeline_summary(self.run.log_dir(summaries.PIPELINE_RUN), self.metrics)
 
     def write_config(self) -> None:
         """RUN_DIR/config.gin and its TensorBoard text summary (logs/config). Gin's operative
@@ -271,9 +280,18 @@ class Job:
         self._config_writer.flush()
         self._config_step += 1
 
+    def seed(self, name: str) -> None:
+        """Seeds Python, NumPy and TensorFlow from the run's seed and ``name`` (a stage, or
+        the models it builds), so that what a stage draws does not depend on what ran before
+        it in this process: a resumed run draws what an uninterrupted one did."""
+        digest = hashlib.sha256(f"{self.schedule.seed}/{name}".encode()).digest()
+        keras.utils.set_random_seed(int.from_bytes(digest[:4], "little"))
+
     def timed(self, stage: str, work: Callable[..., Any], *args, **kwargs) -> Any:
-        """Runs ``work``; records its wall time unless an earlier run finished ``stage``. A
-        file that tf.data fails to decode mid-stage gets named."""
+        """Runs ``work`` after ``seed(stage)``; records its wall time unless an earlier run
+        finished ``stage``. A file that tf.data fails to decode mid-stage gets named."""
+        self.seed(stage)
+        self._log_stage(stage)
         started = time.monotonic()
         try:
             result = work(*args, **kwargs)
@@ -283,6 +301,28 @@ class Job:
             self.metrics["wall_time_s"][stage] = round(time.monotonic() - started, 1)
             self.save_metrics()
         return result
+
+    def _log_stage(self, stage: str) -> None:
+        """``stage k/N: NAME; run for M so far, the rest about T``: the rest is estimated from
+        the wall times of finished stages of the same kind (round 1's translator predicts
+        round 2's), "?" until each kind has run once."""
+        plan = [layout.SOURCE_ONLY] + (
+            [layout.ORACLE] if self.examples["target_train_labelled"] else [])
+        for round_index in range(1, self.schedule.max_rounds + 1):
+            name = layout.round_name(round_index)
+            plan += [layout.translator_stage(round_index), f"{name}_translate",
+                     f"{name}_pseudo_labels", layout.segmenter_stage(round_index)]
+        plan.append("export")
+        if stage not in plan:
+            return
+        done = self.metrics["wall_time_s"]
+        measured = {_stage_kind(name): seconds for name, seconds in done.items()}
+        rest = [name for name in plan[plan.index(stage):] if name not in done]
+        estimate = sum(measured.get(_stage_kind(name), math.nan) for name in rest)
+        logging.info("stage %d/%d: %s; run for %s so far, the rest about %s (if all %d rounds "
+                     "run)", plan.index(stage) + 1, len(plan), stage,
+                     format_duration(time.monotonic() - self.started),
+                     format_duration(estimate), self.schedule.max_rounds)
 
     def train_data(self, examples: str, resize: Size | None, crop: Size | None,
                    batch_size: int, seed_offset: int) -> tf.data.Dataset:
@@ -328,6 +368,7 @@ class Job:
 
     def train_oracle(self) -> None:
         """A second M trained on the labelled target train split (the upper reference)."""
+        self.seed(layout.ORACLE)
         with self.strategy.scope():
             oracle = _load_init(build_segmenter(), self.init_weights)
         result = self.train_segmenter_stage(
@@ -339,6 +380,7 @@ class Job:
     def translator(self) -> keras.Model:
         """F and D_S, D_T, built on first use and kept across rounds."""
         if self._translator is None:
+            self.seed("translator")
             with self.strategy.scope():
                 self._translator = build_translator(self.segmenter.num_classes)
                 self.discriminators = {domain: build_patch_discriminator() for domain in DOMAINS}
@@ -379,6 +421,11 @@ class Job:
         images.write_png(path, overview_grid(self.segmenter, self.examples["source"],
                                              translated_dir, self.val_data))
         logging.info("overview picture: %s", path)
+
+
+def _stage_kind(stage: str) -> str:
+    """``translator`` for ``round_02_translator``; other names unchanged."""
+    return re.sub(r"^round_\d+_", "", stage)
 
 
 def _list_and_scan(source: DomainData, target: DomainData, schedule: Schedule,

@@ -22,7 +22,7 @@ from absl import logging
 
 from sait_tf import images, labels, losses
 from sait_tf.evaluate import evaluate_segmenter
-from sait_tf.train import distribute, loop
+from sait_tf.train import distribute, loop, summaries
 from sait_tf.train.optimizers import (
     GroupedOptimizer,
     discriminator_optimizer,
@@ -220,13 +220,12 @@ def _input_size_softmax(logits: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
 def _evaluate_and_log(segmenter: keras.Model, eval_dataset: tf.data.Dataset,
                       grid_batches: list[dict], num_classes_reported: int,
                       writer: tf.summary.SummaryWriter, step: int, stage_dir: str) -> Evaluation:
-    """Target-val mIoU and per-class IoU to TensorBoard, plus prediction grids."""
+    """Target-val mIoU, per-class IoU and its table to TensorBoard
+    (``summaries.write_evaluation``), plus prediction grids."""
     evaluation = evaluate_segmenter(segmenter, eval_dataset,
                                     num_classes_reported=num_classes_reported)
     with writer.as_default(step=step):
-        tf.summary.scalar("eval/mIoU", evaluation["mIoU"])
-        for name, iou in evaluation["per_class_iou"].items():
-            tf.summary.scalar(f"eval_iou/{name.replace(' ', '_')}", iou)
+        summaries.write_evaluation(evaluation, step)
         if grid_batches:
             tf.summary.image("predictions", prediction_grids(segmenter, grid_batches),
                              max_outputs=len(grid_batches))

@@ -214,7 +214,8 @@ def train_translator(
     (the paper gives only 1e-4 and "TTUR"). ``use_sce`` False drops L_SCE (Table 3).
     A new run resumes from the newest checkpoint of ``stage_dir`` (step, weights, optimiser
     state); the data streams restart from their first batch. A stage with a DONE marker
-    only restores the translator's weights. Returns ``translator``.
+    only restores the weights of the translator and the discriminators (the next round
+    goes on from them, as an uninterrupted run does). Returns ``translator``.
 
     ``strategy`` (default: the current one) runs a replica step per device on its slice of
     each batch; the batch sizes are global. Models built under ``mixed_float16``
@@ -260,7 +261,8 @@ def train_translator(
 
     loop.run_stage(
         stage_dir, log_dir, steps, tf.data.Dataset.zip(streams), make_step,
-        inference_models={"translator": translator}, configurable="train_translator",
+        inference_models={"translator": translator, "discriminators": discriminators},
+        configurable="train_translator",
         strategy=strategy,
         checkpoint_every=checkpoint_every, summary_every=summary_every,
         triggers=[loop.Trigger(log_images_every, log_previews, "log_images")],
