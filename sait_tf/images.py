@@ -47,8 +47,35 @@ def colorize(train_ids: tf.Tensor) -> tf.Tensor:
 
 
 def resize_logits(logits: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
-    """Bilinear upsampling of NHWC logits to ``size`` (H, W), as before the loss and argmax."""
-    return tf.image.resize(logits, size, method="bilinear")
+    """Bilinear resizing of NHWC logits to ``size`` (H, W) with the corners aligned; float32.
+
+    PyTorch's ``interpolate(..., mode="bilinear", align_corners=True)``, with which the peers
+    up-sample logits before the loss and D_seg (liyunsheng13/BDL ``model/deeplab.py``), the
+    pseudo-labels (``SSL.py``) and the evaluation (``evaluation.py``); TF2's
+    ``tf.image.resize`` samples half-pixel centres instead. Written with gathers, in PyTorch's
+    order (along W, then H): XLA's ``ResizeBilinear`` with ``align_corners`` returns wrong
+    rows for some sizes (8x12 -> 64x96 on TF 2.21).
+    """
+    columns = _interpolate_aligned(tf.cast(logits, tf.float32), size[1], axis=2)
+    return _interpolate_aligned(columns, size[0], axis=1)
+
+
+def _interpolate_aligned(x: tf.Tensor, out_size: int | tf.Tensor, axis: int) -> tf.Tensor:
+    """Linear interpolation of NHWC ``x`` along ``axis`` to ``out_size`` samples, the first
+    and last on the first and last input samples (PyTorch's ``align_corners=True`` source
+    index ``dst * (in - 1) / (out - 1)``, weights ``1 - t`` and ``t``)."""
+    in_size = tf.shape(x)[axis]
+    out_size = tf.cast(out_size, tf.int32)
+    scale = (tf.cast(in_size - 1, tf.float32)
+             / tf.cast(tf.maximum(out_size - 1, 1), tf.float32))
+    source = tf.range(out_size, dtype=tf.float32) * scale
+    lower = tf.minimum(tf.cast(source, tf.int32), in_size - 1)
+    upper = tf.minimum(lower + 1, in_size - 1)
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
+    weight = tf.reshape(source - tf.cast(lower, tf.float32), shape)
+    return ((1.0 - weight) * tf.gather(x, lower, axis=axis)
+            + weight * tf.gather(x, upper, axis=axis))
 
 
 def write_png(path: str, image: np.ndarray | Image.Image) -> None:

@@ -16,7 +16,7 @@ from absl import app, flags
 from fixture_trees import make_cityscapes_tree, make_gta5_tree, write_gray8
 from PIL import Image
 
-from sait_tf import evaluate, labels
+from sait_tf import evaluate, images, labels
 from sait_tf.data import readers
 from sait_tf.metrics import ConfusionMatrix
 
@@ -212,11 +212,19 @@ def _assert_block_result(result: dict) -> None:
 
 def test_evaluate_segmenter_by_hand_and_written_predictions(tmp_path):
     pred_dir, color_dir = tmp_path / "pred", tmp_path / "color"
-    result = evaluate.evaluate_segmenter(HalfResolutionOneHot(), _block_dataset(),
+    model = HalfResolutionOneHot()
+    result = evaluate.evaluate_segmenter(model, _block_dataset(),
                                          colorized_dir=str(color_dir),
                                          prediction_dir=str(pred_dir))
-    _assert_block_result(result)
-    predicted = PRED_BLOCKS.repeat(2, axis=1).repeat(2, axis=2)
+    # The logits are up-sampled to the label size (align_corners, as the peers) before the
+    # argmax; the numbers are those of that prediction against the ground truth.
+    image = next(iter(_block_dataset()))["image"]
+    predicted = tf.argmax(images.resize_logits(model(image), GROUND_TRUTH.shape[1:]),
+                          axis=-1).numpy()
+    assert (predicted != PRED_BLOCKS.repeat(2, axis=1).repeat(2, axis=2)).mean() < 0.25
+    expected = ConfusionMatrix()
+    expected.update(GROUND_TRUTH, predicted)
+    _assert_same_result(result, expected.to_json())
     for name, train_ids in zip(["a", "sub/b"], predicted, strict=True):
         written = np.asarray(Image.open(pred_dir / f"{name}.png"))
         np.testing.assert_array_equal(written, np.take(labels.TRAIN_ID_TO_LABEL_ID, train_ids))

@@ -466,7 +466,7 @@ def torch_train_step(config: BenchmarkConfig, pixels: np.ndarray, train_ids: np.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(rgb.flip(1) - mean)
         logits = torch.nn.functional.interpolate(
-            logits.float(), size=target.shape[1:], mode="bilinear", align_corners=False)
+            logits.float(), size=target.shape[1:], mode="bilinear", align_corners=True)
         loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=labels.IGNORE_INDEX)
         loss.backward()
         optimizer.step()

@@ -1,9 +1,18 @@
 """PyTorch segmenter checkpoints -> Keras ``.weights.h5`` for ``build_segmenter``.
 
-The paper configs (gin/*.gin) start M from ``weights/deeplabv2_init.weights.h5`` and
-``weights/fcn8s_init.weights.h5``; these commands write them (``--output`` defaults to
-``weights/<arch>_init.weights.h5``; docs/checkpoints.md says where the inputs come from):
+The paper configs (gin/*.gin) start M from BDL's published models, the ``*_from_scratch``
+configs from ``weights/deeplabv2_init.weights.h5`` and ``weights/fcn8s_init.weights.h5``;
+these commands write them (``--output`` defaults to ``weights/<arch>_init.weights.h5``;
+docs/checkpoints.md says where the inputs come from):
 
+    python -m sait_tf.tools.convert_torch --arch deeplabv2 --num_classes 19 \\
+        --input GTA5_deeplab.pth --output weights/bdl_gta5_deeplabv2.weights.h5
+    python -m sait_tf.tools.convert_torch --arch deeplabv2 --num_classes 19 \\
+        --input SYNTHIA_deeplab.pth --output weights/bdl_synthia_deeplabv2.weights.h5
+    python -m sait_tf.tools.convert_torch --arch fcn8s --num_classes 19 \\
+        --input GTA5_VGG.pth --output weights/bdl_gta5_fcn8s.weights.h5
+    python -m sait_tf.tools.convert_torch --arch fcn8s --num_classes 19 \\
+        --input SYNTHIA_VGG.pth --output weights/bdl_synthia_fcn8s.weights.h5
     python -m sait_tf.tools.convert_torch --arch deeplabv2 --num_classes 19 \\
         --input DeepLab_resnet_pretrained_init-f81d91e8.pth \\
         --output weights/deeplabv2_init.weights.h5

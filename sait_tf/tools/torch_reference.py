@@ -11,7 +11,7 @@ layer3/layer4, ``layer5.conv2d_list`` summed), FCN8s-VGG16 (pad 100, scaled skip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -184,3 +184,97 @@ def run(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
     """Forward in eval mode; returns NHWC numpy."""
     with torch.no_grad():
         return model.eval()(inputs).numpy().transpose(0, 2, 3, 1)
+
+
+# The peers' training step, for tests/test_step_parity.py: parameter groups, learning-rate
+# schedules, loss and up-sampling as liyunsheng13/BDL writes them (``BDL.py``, ``model/``).
+
+def freeze_batchnorm_(model: nn.Module) -> nn.Module:
+    """BN as sait_tf trains it: affine parameters not trained (BDL ``model/deeplab.py`` sets
+    ``requires_grad = False``) and the loaded statistics (eval mode; BDL ``BDL.py`` calls
+    ``model.train()``, so BDL normalises with each batch's statistics)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+            module.requires_grad_(False)
+    return model
+
+
+def deeplab_optim_parameters(model: DeepLabV2, learning_rate: float) -> list[dict]:
+    """BDL ``ResNet101.optim_parameters``: the trainable parameters of ``conv1``, ``bn1``,
+    ``layer1``-``layer4`` at ``learning_rate``, ``layer5`` at 10x.
+
+    Each parameter is listed once. BDL's ``get_1x_lr_params_NOscale`` yields a parameter once
+    per enclosing module (3 times for a bottleneck conv, 4 for a shortcut conv, once for
+    ``conv1``), and PyTorch 0.4's SGD then steps it that many times per iteration.
+    """
+    backbone = (model.conv1, model.bn1, model.layer1, model.layer2, model.layer3, model.layer4)
+    base = [p for module in backbone for p in module.parameters() if p.requires_grad]
+    return [{"params": base, "lr": learning_rate},
+            {"params": list(model.layer5.parameters()), "lr": 10 * learning_rate}]
+
+
+def fcn8s_optim_parameters(model: FCN8s, learning_rate: float) -> list[dict]:
+    """BDL ``model/__init__.py`` (``CreateModel``, VGG): conv weights at ``learning_rate``,
+    conv biases at 2x; the transposed convs (fixed bilinear kernels) are not optimised."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return [{"params": [m.weight for m in convs], "lr": learning_rate},
+            {"params": [m.bias for m in convs], "lr": 2 * learning_rate}]
+
+
+def poly_learning_rate(base: float, step: int, num_steps: int, power: float = 0.9) -> float:
+    """BDL ``adjust_learning_rate`` of DeepLab and of D_seg (``model/deeplab.py``,
+    ``model/discriminator.py``): ``base * (1 - step / num_steps) ** power``."""
+    return base * (1 - step / num_steps) ** power
+
+
+def step_learning_rate(base: float, step: int, every: int = 50000) -> float:
+    """BDL ``adjust_learning_rate`` of VGG and of its D_seg (``model/fcn8s.py``,
+    ``model/discriminator.py``): ``base * 0.1 ** (step // every)``."""
+    return base * 0.1 ** (step // every)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float]) -> None:
+    """Writes one rate per parameter group, as BDL's ``adjust_learning_rate`` does."""
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear, corners aligned: BDL ``model/deeplab.py`` (before the loss and D_seg),
+    ``SSL.py`` and ``evaluation.py``."""
+    return nn.functional.interpolate(logits, size=tuple(size), mode="bilinear",
+                                     align_corners=True)
+
+
+def cross_entropy_2d(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BDL ``CrossEntropy2d``: mean cross-entropy over the pixels not labelled 255."""
+    return nn.functional.cross_entropy(logits, labels.long(), ignore_index=255)
+
+
+class Adam04(torch.optim.Optimizer):
+    """``torch.optim.Adam`` as in PyTorch 0.4, the version BDL requires (README): epsilon is
+    added to sqrt(v) before the bias correction (later PyTorch adds it after)."""
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+                step_size = (group["lr"] * (1 - beta2 ** state["step"]) ** 0.5
+                             / (1 - beta1 ** state["step"]))
+                p.addcdiv_(state["exp_avg"], denom, value=-step_size)

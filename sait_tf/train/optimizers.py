@@ -1,10 +1,13 @@
-"""Optimisers of the trainers: poly schedules and per-variable-group learning rates.
+"""Optimisers of the trainers: the peers' schedules and per-variable-group learning rates.
 
 A Keras 3 optimiser has a single learning rate, while the peers train parts of a network at
 a multiple of it (DeepLabV2's classifier at 10x, FCN8s' biases at 2x). ``GroupedOptimizer``
 therefore holds one Keras optimiser per group of variables, chosen by variable path. The
 per-architecture recipes are gin configurables picked by ``segmentation_optimizer.arch``, so
-the trainers never look at the architecture.
+the trainers never look at the architecture. The updates are PyTorch's, step for step
+(tests/test_step_parity.py): SGD keeps the learning rate out of the momentum buffer
+(``TorchSGD``), and Adam is Keras' own, which is PyTorch 0.4's (the version liyunsheng13/BDL
+ran, README "Requirements"; docs/training.md).
 """
 
 from __future__ import annotations
@@ -15,23 +18,75 @@ from collections.abc import Callable, Sequence
 import gin
 import keras
 import tensorflow as tf
+from keras import ops
 
 from sait_tf.train import distribute
 
 OptimizerFactory = Callable[[int], "GroupedOptimizer"]
+Schedule = keras.optimizers.schedules.LearningRateSchedule
 
 
-def poly_schedule(
-    learning_rate: float, total_steps: int, power: float = 0.9
-) -> keras.optimizers.schedules.LearningRateSchedule:
-    """``lr * (1 - step / total_steps) ** power``, reaching 0 at the end of the stage."""
+def poly_schedule(learning_rate: float, total_steps: int, power: float = 0.9,
+                  decay_steps: int | None = None) -> Schedule:
+    """``lr * (1 - step / horizon) ** power`` (0 after the horizon), the peers' 'poly'.
+
+    The horizon is ``decay_steps``, or the stage's ``total_steps`` when None (decay to 0 at
+    the end of the stage). liyunsheng13/BDL decays over ``--num-steps`` (250000) but stops at
+    ``--num-steps-stop`` (120000), ending at 0.55x (``options/train_options.py``,
+    ``model/deeplab.py`` and ``model/discriminator.py`` ``adjust_learning_rate``).
+    """
+    horizon = total_steps if decay_steps is None else decay_steps
     return keras.optimizers.schedules.PolynomialDecay(
-        learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
+        learning_rate, decay_steps=max(int(horizon), 1), end_learning_rate=0.0, power=power)
 
 
-def adam(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, beta_1: float,
-         beta_2: float, name: str) -> keras.optimizers.Adam:
-    """Adam with PyTorch's epsilon (1e-8), as every Adam of the peers and of the paper."""
+def step_schedule(learning_rate: float, every: int) -> Schedule:
+    """``lr * 0.1 ** floor(step / every)``: liyunsheng13/BDL's FCN8s and its D_seg
+    (``model/fcn8s.py`` and ``model/discriminator.py`` ``adjust_learning_rate``, every 50000)."""
+    return keras.optimizers.schedules.ExponentialDecay(
+        learning_rate, decay_steps=every, decay_rate=0.1, staircase=True)
+
+
+def decay_schedule(learning_rate: float, total_steps: int, power: float,
+                   decay_steps: int | None, step_decay_every: int | None) -> Schedule:
+    """``step_schedule`` when ``step_decay_every`` is set, else ``poly_schedule``."""
+    if step_decay_every:
+        return step_schedule(learning_rate, step_decay_every)
+    return poly_schedule(learning_rate, total_steps, power, decay_steps)
+
+
+class TorchSGD(keras.optimizers.SGD):
+    """SGD with momentum as ``torch.optim.SGD`` (the peers' DeepLabV2 optimiser).
+
+    PyTorch keeps the learning rate out of the momentum buffer (``buf = momentum * buf + g``,
+    ``w -= lr * buf``); Keras' SGD puts it in (``v = momentum * v - lr * g``, ``w += v``). The
+    two agree while the rate is constant and drift apart under a decaying one. Nesterov
+    momentum is not provided.
+    """
+
+    def __init__(self, learning_rate: float | Schedule, momentum: float, name: str) -> None:
+        super().__init__(learning_rate, momentum=momentum, name=name)
+
+    def update_step(self, gradient: tf.Tensor, variable: tf.Variable,
+                    learning_rate: tf.Tensor | float) -> None:
+        if not self.momentum:
+            return super().update_step(gradient, variable, learning_rate)
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        momentum = ops.cast(self.momentum, variable.dtype)
+        self.assign(buffer, ops.add(ops.multiply(buffer, momentum), gradient))
+        self.assign_sub(variable, ops.multiply(buffer, learning_rate))
+
+
+def adam(learning_rate: float | Schedule, beta_1: float, beta_2: float,
+         name: str) -> keras.optimizers.Adam:
+    """Adam with PyTorch's epsilon (1e-8), as every Adam of the peers and of the paper.
+
+    Keras adds epsilon to sqrt(v) before the bias correction, as ``torch.optim.Adam`` of
+    PyTorch 0.4 does (the version liyunsheng13/BDL requires, README "Requirements");
+    later PyTorch adds it after, which moves only gradients near epsilon differently.
+    """
     return keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=1e-8,
                                  name=name)
 
@@ -160,11 +215,14 @@ def deeplabv2_optimizer(
     weight_decay: float = 5e-4,
     classifier_multiplier: float = 10.0,
     power: float = 0.9,
+    decay_steps: int | None = None,
 ) -> GroupedOptimizer:
-    """SGD with momentum, L2 weight decay and poly decay; the classifier at 10x (peers)."""
+    """SGD with momentum, L2 weight decay and poly decay over ``decay_steps`` (None: the
+    stage); the classifier at 10x. liyunsheng13/BDL ``model/__init__.py`` (``CreateModel``),
+    ``model/deeplab.py`` (``optim_parameters``, ``adjust_learning_rate``)."""
     def sgd(lr: float, name: str) -> keras.optimizers.Optimizer:
-        return keras.optimizers.SGD(poly_schedule(lr, total_steps, power), momentum=momentum,
-                                    name=name)
+        return TorchSGD(poly_schedule(lr, total_steps, power, decay_steps), momentum=momentum,
+                        name=name)
 
     return GroupedOptimizer(
         [("classifier", r"classifier", sgd(learning_rate * classifier_multiplier, "classifier")),
@@ -180,14 +238,14 @@ def fcn8s_optimizer(
     beta_2: float = 0.99,
     bias_multiplier: float = 2.0,
     power: float = 0.9,
+    decay_steps: int | None = None,
     step_decay_every: int | None = None,
 ) -> GroupedOptimizer:
-    """Adam (0.9, 0.99) with biases at 2x. Poly decay, or x0.1 every ``step_decay_every``."""
-    def schedule(lr: float) -> keras.optimizers.schedules.LearningRateSchedule:
-        if step_decay_every:
-            return keras.optimizers.schedules.ExponentialDecay(
-                lr, decay_steps=step_decay_every, decay_rate=0.1, staircase=True)
-        return poly_schedule(lr, total_steps, power)
+    """Adam (0.9, 0.99) with biases at 2x; x0.1 every ``step_decay_every`` steps when set
+    (liyunsheng13/BDL: 50000, ``model/fcn8s.py``), else poly decay over ``decay_steps``.
+    Groups as BDL ``model/__init__.py`` (``CreateModel``, ``get_parameters(bias=...)``)."""
+    def schedule(lr: float) -> Schedule:
+        return decay_schedule(lr, total_steps, power, decay_steps, step_decay_every)
 
     return GroupedOptimizer(
         [("bias", r"(^|/)bias$",
@@ -210,10 +268,8 @@ def segmentation_optimizer(total_steps: int, arch: str = "deeplabv2") -> Grouped
     return SEGMENTATION_OPTIMIZERS[arch](total_steps)
 
 
-def _single_adam(total_steps: int, learning_rate: float, beta_1: float, beta_2: float,
-                 power: float) -> GroupedOptimizer:
-    schedule = poly_schedule(learning_rate, total_steps, power)
-    return GroupedOptimizer([("all", None, adam(schedule, beta_1, beta_2, "all"))])
+def _single_adam(learning_rate: Schedule, beta_1: float, beta_2: float) -> GroupedOptimizer:
+    return GroupedOptimizer([("all", None, adam(learning_rate, beta_1, beta_2, "all"))])
 
 
 @gin.configurable
@@ -223,10 +279,12 @@ def adam_optimizer(
     beta_1: float = 0.9,
     beta_2: float = 0.99,
     power: float = 0.9,
+    decay_steps: int | None = None,
 ) -> GroupedOptimizer:
     """One Adam with poly decay for every variable: for M trained from scratch (the demo),
     where SGD diverges on the un-normalised first layer and frozen identity BN."""
-    return _single_adam(total_steps, learning_rate, beta_1, beta_2, power)
+    return _single_adam(poly_schedule(learning_rate, total_steps, power, decay_steps),
+                        beta_1, beta_2)
 
 
 @gin.configurable
@@ -236,6 +294,12 @@ def discriminator_optimizer(
     beta_1: float = 0.9,
     beta_2: float = 0.99,
     power: float = 0.9,
+    decay_steps: int | None = None,
+    step_decay_every: int | None = None,
 ) -> GroupedOptimizer:
-    """D_seg: Adam lr 1e-4, betas (0.9, 0.99), poly decay (peers)."""
-    return _single_adam(total_steps, learning_rate, beta_1, beta_2, power)
+    """D_seg: Adam lr 1e-4, betas (0.9, 0.99); poly decay over ``decay_steps`` (None: the
+    stage), or x0.1 every ``step_decay_every`` steps. liyunsheng13/BDL ``model/__init__.py``
+    (``CreateDiscriminator``) and ``model/discriminator.py`` (``adjust_learning_rate``: poly
+    for DeepLab, x0.1 every 50000 for VGG)."""
+    return _single_adam(decay_schedule(learning_rate, total_steps, power, decay_steps,
+                                       step_decay_every), beta_1, beta_2)
