@@ -33,3 +33,13 @@ def skip_grappler():
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     yield
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
+
+
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread while a parity test runs (its sums then have one fixed order)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

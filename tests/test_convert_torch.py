@@ -18,12 +18,7 @@ ODD_SIZE = (65, 97)
 DEEPLAB_PARITY_SIZE = (64, 99)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(seed: int, size=ODD_SIZE) -> np.ndarray:
