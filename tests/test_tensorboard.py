@@ -15,19 +15,19 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.util import tensor_util
-from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
+from train_configs import (
+    REPO,
+    TINY_PAIR_AND_BATCHES,
+    TINY_TRANSLATOR_AND_DISCRIMINATORS,
+    write_demo_config,
+)
 
 from sait_tf import filter_start_up_log
 from sait_tf.train import summaries
 
 # One round plus the oracle on a 4 + 2 + 2 image pair at 32x64; every stage evaluates once.
 TINY_RUN = f"""
-ensure_synthetic_pair.num_source = 4
-ensure_synthetic_pair.num_target_train = 2
-ensure_synthetic_pair.num_target_val = 2
-ensure_synthetic_pair.size = (32, 64)
-run_pipeline.batch_size = 2
-run_pipeline.translator_batch_size = 1
+{chr(10).join(TINY_PAIR_AND_BATCHES)}
 run_pipeline.source_only_steps = 2
 run_pipeline.oracle_steps = 2
 run_pipeline.max_rounds = 1

@@ -9,13 +9,18 @@ import sys
 
 import numpy as np
 from PIL import Image
-from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
+from train_configs import (
+    REPO,
+    TINY_PAIR_AND_BATCHES,
+    TINY_TRANSLATOR_AND_DISCRIMINATORS,
+    write_demo_config,
+)
 
 from sait_tf import labels
 
 STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter",
           "round_02_translator", "round_02_segmenter")
-NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 4, 2, 2
+NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 4, 2, 2  # train_configs.TINY_PAIR_AND_BATCHES
 
 
 def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -37,13 +42,7 @@ def test_bad_binding_exits_at_once_with_gins_message(tmp_path):
 
 def _tiny_config(tmp_path) -> str:
     """demo.gin with a 4 + 2 + 2 image pair at 32x64, tiny networks, a few steps, two rounds."""
-    return write_demo_config(tmp_path / "tiny.gin", tmp_path / "pair", f"""
-ensure_synthetic_pair.num_source = {NUM_SOURCE}
-ensure_synthetic_pair.num_target_train = {NUM_TARGET_TRAIN}
-ensure_synthetic_pair.num_target_val = {NUM_TARGET_VAL}
-ensure_synthetic_pair.size = (32, 64)
-run_pipeline.batch_size = 2
-run_pipeline.translator_batch_size = 1
+    return write_demo_config(tmp_path / "tiny.gin", tmp_path / "pair", *TINY_PAIR_AND_BATCHES, """
 run_pipeline.source_only_steps = 3
 run_pipeline.oracle_steps = 2
 run_pipeline.max_rounds = 2

@@ -13,6 +13,15 @@ SOURCE_ONLY_RUN = (
     "run_pipeline.max_rounds = 0",
     "run_pipeline.export = False",
 )
+# The run generates a 4 + 2 + 2 image pair at 32x64 and trains M at batch 2, F at batch 1.
+TINY_PAIR_AND_BATCHES = (
+    "ensure_synthetic_pair.num_source = 4",
+    "ensure_synthetic_pair.num_target_train = 2",
+    "ensure_synthetic_pair.num_target_val = 2",
+    "ensure_synthetic_pair.size = (32, 64)",
+    "run_pipeline.batch_size = 2",
+    "run_pipeline.translator_batch_size = 1",
+)
 # F, D_S, D_T and M's output discriminator at a few channels.
 TINY_TRANSLATOR_AND_DISCRIMINATORS = (
     "build_output_discriminator.width = 4",
