@@ -27,6 +27,9 @@ from train_configs import REPO, SOURCE_ONLY_RUN, write_demo_config
 from sait_tf import labels
 from sait_tf.data.synthetic import generate_pair
 
+# One real training command per defect (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
+
 SIZE = (16, 32)
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
 # A failing start-up imports TensorFlow and reads a few file headers: about 5-10 s of CPU

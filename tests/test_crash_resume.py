@@ -20,11 +20,15 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from PIL import Image
 from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
 
 from sait_tf import labels
 from sait_tf.data.synthetic import generate_pair
+
+# Killed and restarted training processes (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
 
 NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 8, 4, 4
 SIZE = (32, 64)

@@ -106,6 +106,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_stage(tmp_path, max_consecut
     assert not files.is_done(stage_dir)
 
 
+@pytest.mark.slow
 def test_the_main_job_stops_with_one_clear_line(tmp_path):
     """A learning rate of 1e30 makes the loss infinite after the first update."""
     pair = str(tmp_path / "pair")

@@ -24,6 +24,9 @@ from sait_tf import cli
 from sait_tf.data.synthetic import generate_pair
 from sait_tf.train import pipeline, settings
 
+# Real training processes, signals and restarts: minutes (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 300
 
 

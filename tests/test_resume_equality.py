@@ -14,10 +14,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from train_configs import REPO, TINY_TRANSLATOR_AND_DISCRIMINATORS, write_demo_config
 
 from sait_tf.data.synthetic import generate_pair
+
+# Two whole pipeline runs, one interrupted (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
 
 REDONE = ("checkpoints/round_01_segmenter", "checkpoints/round_02_translator",
           "checkpoints/round_02_segmenter", "translated", "pseudo_labels", "export",

@@ -206,3 +206,42 @@ def test_output_discriminator_shape_and_pytorch_parity():
     expected = torch_reference.run(
         reference, torch.from_numpy(probabilities.numpy().transpose(0, 3, 1, 2).copy()))
     np.testing.assert_allclose(discriminator(probabilities), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_batchnorm_normalises_by_the_batch_and_only_training_moves_statistics():
+    """bn_mode='train' (the peers' model.train()): a training call normalises each channel by
+    the batch's statistics and moves the running ones 10% towards them (unbiased variance, as
+    torch.nn.BatchNorm2d); an inference call uses and keeps the running statistics."""
+    model = build_segmenter("deeplabv2", 19, bn_mode="train", **TINY_DEEPLAB)
+    bn = model.bn1
+    features = tf.random.stateless_normal([2, 5, 7, 3], seed=(1, 2)) * 4.0 + 3.0
+    bn_input = tf.random.stateless_normal([1, 1, 1, bn.gamma.shape[0]], seed=(3, 4))
+    assert np.allclose(bn.moving_mean.numpy(), 0.0)
+    inference = bn(bn_input, training=False).numpy()
+    np.testing.assert_allclose(inference, bn_input.numpy() / np.sqrt(1.0 + 1e-5), rtol=1e-6)
+
+    wide = tf.random.stateless_normal([2, 5, 7, bn.gamma.shape[0]], seed=(5, 6)) * 4.0 + 3.0
+    normalised = bn(wide, training=True).numpy()
+    np.testing.assert_allclose(normalised.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normalised.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+    values = wide.numpy().reshape(-1, wide.shape[-1])
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * values.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               0.9 + 0.1 * values.var(axis=0, ddof=1), rtol=1e-5)
+    moved = bn.moving_mean.numpy().copy()
+    model(features, training=False)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moved)
+    model(features, training=True)  # the model passes training on to every BN
+    assert not np.allclose(bn.moving_mean.numpy(), moved)
+
+
+def test_frozen_batchnorm_ignores_training_and_bad_modes_are_named():
+    model = build_segmenter("deeplabv2", 19, **TINY_DEEPLAB)
+    before = [w.numpy().copy() for w in model.weights]
+    features = tf.random.stateless_normal([1, 33, 41, 3], seed=(7, 8)) * 60.0
+    np.testing.assert_allclose(model(features, training=True).numpy(),
+                               model(features, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    for weight, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), value)
+    with pytest.raises(ValueError, match="bn_mode must be one of.*'batch'"):
+        build_segmenter("deeplabv2", 19, bn_mode="batch", **TINY_DEEPLAB)

@@ -25,6 +25,9 @@ from train_configs import (
 from sait_tf import filter_start_up_log
 from sait_tf.train import summaries
 
+# A whole pipeline run read back from its event files (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
+
 # One round plus the oracle on a 4 + 2 + 2 image pair at 32x64; every stage evaluates once.
 TINY_RUN = f"""
 {chr(10).join(TINY_PAIR_AND_BATCHES)}

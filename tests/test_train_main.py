@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from train_configs import (
     REPO,
@@ -17,6 +18,9 @@ from train_configs import (
 )
 
 from sait_tf import labels
+
+# The real command end to end, killed and resumed (run with -m 'slow or not slow').
+pytestmark = pytest.mark.slow
 
 STAGES = ("source_only", "oracle", "round_01_translator", "round_01_segmenter",
           "round_02_translator", "round_02_segmenter")

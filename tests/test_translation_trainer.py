@@ -213,6 +213,7 @@ def _class_means(pixels: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
     return means
 
 
+@pytest.mark.slow
 def test_translation_moves_source_colours_toward_the_target_on_the_synthetic_pair(tmp_path):
     """Demo-sized F (M an untrained small DeepLabV2), 240 steps at 32x64: per-class colours."""
     size, count, steps = (32, 64), 32, 240

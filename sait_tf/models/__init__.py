@@ -31,7 +31,8 @@ def build_segmenter(arch: str, num_classes: int = labels.NUM_CLASSES,
 
     ``arch`` is "deeplabv2" (logits at output stride 8, PyTorch's size) or "fcn8s" (logits at
     the input size). ``size_knobs`` shrink the network (defaults are the paper's sizes):
-    deeplabv2 ``blocks``, ``width_multiplier``; fcn8s ``width_multiplier``, ``dropout``.
+    deeplabv2 ``blocks``, ``width_multiplier``; fcn8s ``width_multiplier``, ``dropout``;
+    deeplabv2 also takes ``bn_mode`` ("frozen" or the peers' "train", see ``FrozenBatchNorm``).
     """
     valid_knobs = size_knobs_of(arch)
     unknown = sorted(set(size_knobs) - set(valid_knobs))

@@ -35,24 +35,31 @@ EXPANSION = 4
 LAYER_STRIDES_DILATIONS = ((1, 1), (2, 1), (1, 2), (1, 4))
 CLASSIFIER_DILATIONS = (6, 12, 18, 24)
 BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.1  # torch.nn.BatchNorm2d's: running = 0.9 running + 0.1 batch
+BN_MODES = ("frozen", "train")
 # Typical magnitude of Caffe-preprocessed pixels (mean-subtracted, 0..255 range).
 CAFFE_INPUT_SCALE = 64.0
 
 
 @keras.saving.register_keras_serializable(package="sait_tf")
 class FrozenBatchNorm(keras.layers.Layer):
-    """Batch normalisation that always uses its loaded statistics; none of its weights train.
+    """Batch normalisation whose affine parameters never train; statistics by ``bn_mode``.
 
-    The peers (liyunsheng13/BDL ``model/deeplab.py``) freeze the affine parameters but keep
-    BN in train mode with batch 1, so its statistics follow each image; using the loaded
-    statistics makes M deterministic and reproducible. The weights are created
-    non-trainable, so even ``model.trainable = True`` cannot unfreeze them.
+    ``"frozen"``: always the loaded statistics (deterministic; the demo, and M while it
+    guides F or labels images). ``"train"``: as the peers train, BN in train mode with frozen
+    affine parameters (liyunsheng13/BDL ``model/deeplab.py`` sets ``requires_grad = False``,
+    ``BDL.py`` calls ``model.train()``): in a training call each batch is normalised with its
+    own statistics and the running ones follow them as ``torch.nn.BatchNorm2d`` updates them
+    (momentum 0.1, unbiased variance); inference calls use the running statistics. The
+    weights are created non-trainable, so even ``model.trainable = True`` cannot train them.
     """
 
-    def __init__(self, epsilon: float = BN_EPSILON, **kwargs) -> None:
+    def __init__(self, epsilon: float = BN_EPSILON, bn_mode: str = "frozen", **kwargs) -> None:
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"deeplabv2: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
-        self.epsilon = epsilon
+        self.epsilon, self.bn_mode = epsilon, bn_mode
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         channels = (input_shape[-1],)
@@ -60,17 +67,34 @@ class FrozenBatchNorm(keras.layers.Layer):
                                      name="gamma")
         self.beta = self.add_weight(shape=channels, initializer="zeros", trainable=False,
                                     name="beta")
+        # "mean": replicas of a distributed step each update them; their values are averaged.
         self.moving_mean = self.add_weight(shape=channels, initializer="zeros",
-                                           trainable=False, name="moving_mean")
+                                           trainable=False, name="moving_mean",
+                                           aggregation="mean")
         self.moving_variance = self.add_weight(shape=channels, initializer="ones",
-                                               trainable=False, name="moving_variance")
+                                               trainable=False, name="moving_variance",
+                                               aggregation="mean")
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
-        return inputs * scale + (self.beta - self.moving_mean * scale)
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if training and self.bn_mode == "train":
+            mean, variance = self._batch_statistics(inputs)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        scale = self.gamma * tf.math.rsqrt(variance + self.epsilon)
+        return inputs * scale + (self.beta - mean * scale)
+
+    def _batch_statistics(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The batch's mean and (biased) variance; moves the running ones towards them."""
+        mean, variance = tf.nn.moments(inputs, axes=[0, 1, 2])
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), variance.dtype)
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        self.moving_mean.assign((1.0 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
+        self.moving_variance.assign(
+            (1.0 - BN_MOMENTUM) * self.moving_variance + BN_MOMENTUM * unbiased)
+        return mean, variance
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return {**super().get_config(), "epsilon": self.epsilon, "bn_mode": self.bn_mode}
 
 
 @keras.saving.register_keras_serializable(package="sait_tf")
@@ -141,21 +165,22 @@ class Bottleneck(keras.layers.Layer):
     """
 
     def __init__(self, planes: int, stride: int = 1, dilation: int = 1, project: bool = False,
-                 **kwargs) -> None:
+                 bn_mode: str = "frozen", **kwargs) -> None:
         super().__init__(**kwargs)
         self.planes, self.stride, self.dilation, self.project = planes, stride, dilation, project
         # The assignment order fixes the order of ``variables``, which runtime/checkpoints.py
         # uses as checkpoint keys: keep it (conv3 before the shortcut conv, bn3 before its BN)
         # so existing checkpoints restore.
         self.conv1 = _conv(planes, 1, "conv1", strides=stride)
-        self.bn1 = FrozenBatchNorm(name="bn1")
+        self.bn1 = FrozenBatchNorm(bn_mode=bn_mode, name="bn1")
         self.conv2 = _conv(planes, 3, "conv2", dilation=dilation)
-        self.bn2 = FrozenBatchNorm(name="bn2")
+        self.bn2 = FrozenBatchNorm(bn_mode=bn_mode, name="bn2")
         self.conv3 = _conv(planes * EXPANSION, 1, "conv3")
         self.downsample_conv = (_conv(planes * EXPANSION, 1, "downsample.0", strides=stride)
                                 if project else None)
-        self.bn3 = FrozenBatchNorm(name="bn3")
-        self.downsample_bn = FrozenBatchNorm(name="downsample.1") if project else None
+        self.bn3 = FrozenBatchNorm(bn_mode=bn_mode, name="bn3")
+        self.downsample_bn = (FrozenBatchNorm(bn_mode=bn_mode, name="downsample.1")
+                              if project else None)
 
     @property
     def torch_layers(self) -> Mapping[str, keras.layers.Layer]:
@@ -191,20 +216,23 @@ class Bottleneck(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "planes": self.planes, "stride": self.stride,
-                "dilation": self.dilation, "project": self.project}
+                "dilation": self.dilation, "project": self.project,
+                "bn_mode": self.bn1.bn_mode}
 
 
 class DeepLabV2(keras.Model):
     """DeepLabV2-ResNet101 on RGB [0, 255] NHWC; logits at output stride 8 with PyTorch's size.
 
     ``blocks`` (bottlenecks per layer) and ``width_multiplier`` (scales the stem and the planes
-    64/128/256/512) shrink the network for demos; the defaults are the paper's. Every variable
-    exists once the constructor returns (see ``build``). ``torch_layers`` finds a layer by its
-    peers' state_dict module path; ``num_classes`` is the number of logit channels.
+    64/128/256/512) shrink the network for demos; the defaults are the paper's. ``bn_mode``
+    is ``FrozenBatchNorm``'s: "frozen" (loaded statistics) or "train" (the peers' train-mode
+    BN). Every variable exists once the constructor returns (see ``build``).
+    ``torch_layers`` finds a layer by its peers' state_dict module path; ``num_classes`` is
+    the number of logit channels.
     """
 
     def __init__(self, num_classes: int, blocks: Sequence[int] = PAPER_BLOCKS,
-                 width_multiplier: float = 1.0, **kwargs) -> None:
+                 width_multiplier: float = 1.0, bn_mode: str = "frozen", **kwargs) -> None:
         blocks = tuple(blocks)
         if len(blocks) != 4 or any(int(b) != b or b < 1 for b in blocks):
             raise ValueError(f"deeplabv2: blocks must be 4 positive integers, got {blocks!r}")
@@ -215,11 +243,12 @@ class DeepLabV2(keras.Model):
         self.caffe_preprocess = CaffePreprocess(name="caffe_preprocess")
         self.conv1 = _conv(scaled_width(STEM_WIDTH, width_multiplier), STEM_KERNEL, "conv1",
                            strides=2, input_scale=CAFFE_INPUT_SCALE)
-        self.bn1 = FrozenBatchNorm(name="bn1")
+        self.bn1 = FrozenBatchNorm(bn_mode=bn_mode, name="bn1")
         self.maxpool = MaxPool2DCeil(3, 2, padding=1, name="maxpool")
         self.blocks = [
             Bottleneck(scaled_width(planes, width_multiplier), stride=stride if block == 0 else 1,
-                       dilation=dilation, project=block == 0, name=f"layer{index}.{block}")
+                       dilation=dilation, project=block == 0, bn_mode=bn_mode,
+                       name=f"layer{index}.{block}")
             for index, (count, planes, (stride, dilation)) in enumerate(
                 zip(blocks, PAPER_PLANES, LAYER_STRIDES_DILATIONS, strict=True), start=1)
             for block in range(int(count))
@@ -266,7 +295,7 @@ class DeepLabV2(keras.Model):
 
 
 def build_deeplabv2(num_classes: int, blocks: Sequence[int] = PAPER_BLOCKS,
-                    width_multiplier: float = 1.0) -> DeepLabV2:
-    """``DeepLabV2(num_classes, blocks, width_multiplier)``: the builder ``build_segmenter``
-    dispatches to; its parameters are the architecture's size knobs."""
-    return DeepLabV2(num_classes, blocks, width_multiplier)
+                    width_multiplier: float = 1.0, bn_mode: str = "frozen") -> DeepLabV2:
+    """``DeepLabV2(num_classes, blocks, width_multiplier, bn_mode)``: the builder
+    ``build_segmenter`` dispatches to; its parameters are the architecture's knobs."""
+    return DeepLabV2(num_classes, blocks, width_multiplier, bn_mode)

@@ -189,13 +189,14 @@ def run(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
 # The peers' training step, for tests/test_step_parity.py: parameter groups, learning-rate
 # schedules, loss and up-sampling as liyunsheng13/BDL writes them (``BDL.py``, ``model/``).
 
-def freeze_batchnorm_(model: nn.Module) -> nn.Module:
-    """BN as sait_tf trains it: affine parameters not trained (BDL ``model/deeplab.py`` sets
-    ``requires_grad = False``) and the loaded statistics (eval mode; BDL ``BDL.py`` calls
-    ``model.train()``, so BDL normalises with each batch's statistics)."""
+def freeze_batchnorm_(model: nn.Module, bn_mode: str = "frozen") -> nn.Module:
+    """BN as sait_tf trains it in ``bn_mode``: affine parameters never trained (BDL
+    ``model/deeplab.py`` sets ``requires_grad = False``); "frozen": the loaded statistics (eval
+    mode); "train": BDL's train mode (``BDL.py`` calls ``model.train()``), each batch's
+    statistics, running statistics updated."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.eval()
+            module.train(bn_mode == "train")
             module.requires_grad_(False)
     return model
 
