@@ -71,6 +71,7 @@ def test_time_calls_alternates_blocks_after_warmup():
     ({"model": "translator", "height": 30}, "--height/--width"),
     ({"mixed_precision": "float16"}, "--mixed_precision"),
     ({"steps": 0}, "--steps"),
+    ({"serving_batches": (4, 0)}, "--serving_batches"),
 ])
 def test_check_config_names_the_bad_parameter(changes, parameter):
     config = benchmark.BenchmarkConfig(**{"model": "deeplabv2", "height": 32, "width": 64,
@@ -83,7 +84,8 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     pytest.importorskip("torch")
     config = benchmark.BenchmarkConfig(
         model="deeplabv2", height=32, width=64, batch=2, steps=3, warmup=1, torch=True,
-        segmenter_knobs=TINY_DEEPLAB, matmul_size=256, pipeline_batches=3)
+        segmenter_knobs=TINY_DEEPLAB, matmul_size=256, pipeline_batches=3,
+        serving_batches=(1, 3))
     result = benchmark.run_benchmark(config, str(tmp_path))
     files.write_json_atomically(str(tmp_path / "r.json"), result)
     with open(tmp_path / "r.json") as f:
@@ -98,5 +100,8 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     # Backward = two forward-sized convolutions per layer (minus the first layer's input
     # gradient), plus element-wise work: the step counts close to 3 forward passes.
     assert 2.7 < result["train_step_gflops"] / result["forward_gflops"] < 3.2
+    assert sorted(result["serving_images_per_s_by_batch"]) == ["1", "3"]
+    assert all(math.isfinite(rate) and rate > 0
+               for rate in result["serving_images_per_s_by_batch"].values())
     assert result["machine"]["tensorflow_version"] == tf.__version__
     assert keras.mixed_precision.global_policy().name == "float32"

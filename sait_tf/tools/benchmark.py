@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -104,6 +105,7 @@ class BenchmarkConfig:
     num_classes: int = labels.NUM_CLASSES
     matmul_size: int = 2048
     pipeline_batches: int = 20
+    serving_batches: tuple[int, ...] = (1, 4, 16)
 
     @property
     def arch(self) -> str:
@@ -126,6 +128,9 @@ def check_config(config: BenchmarkConfig) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {config.warmup}")
+    if not config.serving_batches or min(config.serving_batches) < 1:
+        raise ValueError(f"--serving_batches must be batch sizes >= 1, got "
+                         f"{list(config.serving_batches)}")
     if min(config.height, config.width) < 8:
         raise ValueError(f"--height/--width must be >= 8 (the synthetic set's files are "
                          f"{PIPELINE_FILE_SCALE:g}x that and at least 16), got "
@@ -385,6 +390,22 @@ def _inference_functions(models: dict, config: BenchmarkConfig, work_dir: str
     return serving, keras_call
 
 
+def measure_serving_throughput(serving: Callable, pixels: np.ndarray, config: BenchmarkConfig
+                               ) -> dict[str, float]:
+    """Images per second of the SavedModel signature at each of ``config.serving_batches``
+    (the first image repeated), the batches alternating call by call: what batching requests
+    (``sait_tf.serving.client`` sends folders in batches) buys over one image a call."""
+    def serve(batch: tf.Tensor) -> dict[str, np.ndarray]:
+        return {key: value.numpy() for key, value in serving(images=batch).items()}
+
+    first = pixels[:1].astype(np.uint8)
+    calls = {str(size): functools.partial(serve, tf.constant(np.repeat(first, size, axis=0)))
+             for size in config.serving_batches}
+    times = time_calls(calls, config.steps, config.warmup, rounds=config.steps,
+                       stage="benchmark/serving_batches")
+    return {size: int(size) / _median(seconds) for size, seconds in times.items()}
+
+
 def measure_input_pipeline(config: BenchmarkConfig, work_dir: str,
                            clock: Clock = time.perf_counter) -> float:
     """Images per second of ``readers.make_dataset`` at the training size, without a model.
@@ -600,6 +621,7 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     result["inference_keras_s"] = _median(inference["keras"])
     result["saved_model_over_keras"] = (result["inference_saved_model_s"]
                                         / result["inference_keras_s"])
+    result["serving_images_per_s_by_batch"] = measure_serving_throughput(serving, pixels, config)
 
     logging.info("benchmark: input pipeline")
     result["input_pipeline_images_per_s"] = measure_input_pipeline(config, work_dir)
@@ -643,6 +665,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("discriminator_scales", None, "Patch discriminator scales (3).")
     flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul of the peak.")
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches of the input pipeline.")
+    flags.DEFINE_list("serving_batches", ["1", "4", "16"],
+                      "Batch sizes at which the SavedModel's images per second are measured.")
     flags.mark_flags_as_required(["model", "height", "width"])
 
 
@@ -671,7 +695,8 @@ def config_from_flags() -> BenchmarkConfig:
         discriminator_knobs=_given(dim=FLAGS.discriminator_dim,
                                    num_layers=FLAGS.discriminator_layers,
                                    num_scales=FLAGS.discriminator_scales),
-        matmul_size=FLAGS.matmul_size, pipeline_batches=FLAGS.pipeline_batches)
+        matmul_size=FLAGS.matmul_size, pipeline_batches=FLAGS.pipeline_batches,
+        serving_batches=tuple(int(size) for size in FLAGS.serving_batches))
 
 
 def main(argv: list[str]) -> None:
