@@ -292,3 +292,16 @@ def test_multi_scale_discriminator_scores_every_scale():
     assert [int(k.shape[-1]) for k in kernels] == [4, 8, 16, 1] * 3
     with pytest.raises(ValueError, match="num_scales"):
         discriminator(tf.zeros([1, 16, 16, 3]))
+
+
+def test_a_generator_resizes_the_logits_once_for_all_its_spade_layers(monkeypatch):
+    translator = build_translator(num_classes=5, dim=4, num_residual_blocks=3, spade_hidden=8)
+    x = tf.random.stateless_uniform([1, 16, 24, 3], seed=(1, 2), minval=-1.0, maxval=1.0)
+    logits = tf.random.stateless_normal([1, 3, 4, 5], seed=(3, 4))
+    translator.translate(x, logits, "source", "target")  # builds the layers
+    calls = []
+    resize = images.resize_logits
+    monkeypatch.setattr(images, "resize_logits",
+                        lambda *args: calls.append(args[1]) or resize(*args))
+    translator.translate(x, logits, "source", "target")
+    assert [tuple(int(v) for v in size) for size in calls] == [(4, 6)]  # 6 SPADE layers

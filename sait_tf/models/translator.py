@@ -83,9 +83,11 @@ class SPADE(keras.layers.Layer):
 
     def modulation(self, x: tf.Tensor, seg_logits: tf.Tensor,
                    training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        """Per-pixel ``(gamma, beta)`` for activation ``x`` from ``seg_logits``."""
-        seg = images.resize_logits(seg_logits, tf.shape(x)[1:3])
-        hidden = tf.nn.relu(self.shared(reflect_pad(seg, 1), training=training))
+        """Per-pixel ``(gamma, beta)`` for activation ``x`` from ``seg_logits`` (resized to
+        ``x`` unless they are at its size already)."""
+        if not (x.shape[1:3].is_fully_defined() and seg_logits.shape[1:3] == x.shape[1:3]):
+            seg_logits = images.resize_logits(seg_logits, tf.shape(x)[1:3])
+        hidden = tf.nn.relu(self.shared(reflect_pad(seg_logits, 1), training=training))
         hidden = reflect_pad(hidden, 1)
         return (self.to_gamma(hidden, training=training),
                 self.to_beta(hidden, training=training))
@@ -199,6 +201,9 @@ class Generator(keras.layers.Layer):
 
     def call(self, z: tf.Tensor, seg_logits: tf.Tensor | None = None,
              training: bool = False) -> tf.Tensor:
+        if seg_logits is not None and z.shape[1:3].is_fully_defined():
+            # Every SPADE layer works at z's size: resize the logits once, not in each layer.
+            seg_logits = images.resize_logits(seg_logits, tuple(z.shape[1:3]))
         x = z
         for block in self.residual_blocks:
             x = block(x, seg_logits, training=training)
