@@ -174,8 +174,10 @@ def _check_pipeline_run(log_dir: str, metrics: dict) -> None:
         assert tensors["pipeline/gap_closed"].keys() == gap.keys()
         np.testing.assert_allclose([tensors["pipeline/gap_closed"][x] for x in gap],
                                    list(gap.values()), rtol=1e-4, atol=1e-4)
+        assert tensors["pipeline/gap_closed_by_oracle"] == dict.fromkeys(gap, 100.0)
     else:
         assert "pipeline/gap_closed" not in tensors
+        assert "pipeline/gap_closed_by_oracle" not in tensors
     table = _text(tensors["pipeline/stages"][max(expected)])
     assert table.startswith("| stage | target-val mIoU19 | gap closed (%) |")
     assert f"| oracle | {oracle:.2f} |" in table

@@ -8,7 +8,9 @@ labels or in the predictions) and the text table ``eval/per_class_iou``.
 with the round index as the step (0 = source-only, K = round K): ``pipeline/mIoU``, the
 constant reference lines ``pipeline/source_only`` and ``pipeline/oracle``, and
 ``pipeline/gap_closed``, the percentage of the source-only-to-oracle gap a round closed
-(0 at step 0; only with an oracle better than the source-only M). The text table
+(0 at step 0; only with an oracle better than the source-only M), beside the constant
+``pipeline/gap_closed_by_oracle`` (100): with that reference in its chart, TensorBoard's
+"ignore outliers" scaling cannot clip a curve of two or three points to a flat line. The text table
 ``pipeline/stages`` lists every stage and a Custom Scalars layout draws the mIoU and its
 references in one chart. Each call rewrites the whole history into a fresh event file and
 then deletes the older ones, so calling it after every stage of a resumed run leaves one
@@ -38,7 +40,7 @@ _LAYOUT = layout_pb2.Layout(category=[layout_pb2.Category(title="pipeline", char
                          tag=[r"^pipeline/(mIoU|source_only|oracle)$"])),
     layout_pb2.Chart(title="gap closed (% of oracle - source-only)",
                      multiline=layout_pb2.MultilineChartContent(
-                         tag=[r"^pipeline/gap_closed$"])),
+                         tag=[r"^pipeline/gap_closed(_by_oracle)?$"])),
 ])])
 
 
@@ -93,6 +95,7 @@ def pipeline_points(metrics: dict) -> dict[int, dict[str, float]]:
             if oracle > source_only:
                 points[step]["pipeline/gap_closed"] = (100.0 * (miou - source_only)
                                                        / (oracle - source_only))
+                points[step]["pipeline/gap_closed_by_oracle"] = 100.0
     return points
 
 
