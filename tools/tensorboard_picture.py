@@ -5,7 +5,8 @@
 
 Starts TensorBoard on RUN_DIR/logs/pipeline alone (so its run gets the first colour) on
 localhost, has headless Chromium load the Custom Scalars tab with smoothing 0 (the
-pipeline's curves have one point per round), crops the charts and stops TensorBoard. Needs a Chromium (Debian: ``apt install chromium``).
+pipeline's curves have one point per round), crops the charts and stops TensorBoard. Needs
+a Chromium (Debian: ``apt install chromium``).
 """
 
 from __future__ import annotations
