@@ -1,4 +1,4 @@
-"""The embedded synthetic domain pair: street-like scenes in the GTA5 and Cityscapes layouts.
+"""The embedded synthetic domain pair: street scenes in the GTA5 or SYNTHIA and Cityscapes layouts.
 
 Both domains draw their label layouts from one distribution (``sample_layout``: horizon,
 road trapezoid, sidewalks, terrain, fences or walls, buildings and trees along the horizon,
@@ -6,16 +6,18 @@ sky, cars, persons, poles with signs or lights, a few void pixels). They differ 
 appearance (``render``): the target draws every class's source colour through one camera
 response (``camera_response``: a hue turn, a gamma and white-balance gains), paints other
 textures, and adds a per-image tint, a vertical illumination gradient, stronger noise and a
-slight blur. The response moves most classes near another class's source colour, so a
-segmenter trained on the source relies on the wrong cues, while a translator that learns the
-camera's look recovers most of the gap (docs/synthetic.md has the measurements).
+slight blur (``Camera``: ``EMBEDDED_CAMERA`` by default, ``Camera.random(seed)`` draws
+others). The response moves most classes near another class's source colour, so a segmenter
+trained on the source relies on the wrong cues, while a translator that learns the camera's
+look recovers most of the gap (docs/synthetic.md has the measurements).
 
     python -m sait_tf.data.synthetic --out DIR --seed 0
 
 writes ``DIR/source`` (GTA5 layout: ``images/00001.png``, palette ``labels/00001.png`` whose
-index is the Cityscapes labelId), ``DIR/target`` (Cityscapes layout: ``leftImg8bit`` and
-``gtFine/*_gtFine_labelIds.png`` for train and val) and ``DIR/synthetic.json`` (the
-parameters). The same seed gives byte-identical files.
+index is the Cityscapes labelId; or with ``--source_layout synthia`` SYNTHIA-RAND-CITYSCAPES:
+``RGB/0000000.png``, 16-bit ``GT/LABELS/0000000.png``), ``DIR/target`` (Cityscapes layout:
+``leftImg8bit`` and ``gtFine/*_gtFine_labelIds.png`` for train and val) and
+``DIR/synthetic.json`` (the parameters). The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import functools
 import json
 import os
 import shutil
+import struct
+import zlib
 
 import gin
 import numpy as np
@@ -84,35 +88,14 @@ _SOURCE_LOOKS = {
     PERSON: ((205, 105, 160), "flat", 0.0),
     CAR: ((40, 60, 180), "flat", 0.0),
 }
-# The target ("camera") textures of each class.
-_TARGET_TEXTURES = {
-    ROAD: ("grain", 0.12),
-    SIDEWALK: ("tiles", 0.15),
-    BUILDING: ("vstripes", 0.15),
-    WALL: ("grain", 0.1),
-    FENCE: ("vstripes", 0.25),
-    POLE: ("flat", 0.0),
-    TRAFFIC_SIGN: ("flat", 0.0),
-    VEGETATION: ("blotch", 0.3),
-    TERRAIN: ("grain", 0.15),
-    SKY: ("blotch", 0.06),
-    PERSON: ("flat", 0.0),
-    CAR: ("hstripes", 0.15),
-}
-# The target camera's colour response, the same for every class: hue turned about the grey
-# axis, a gamma and white-balance gains (a cool cast). docs/synthetic.md measures the gap.
-CAMERA_HUE_DEGREES = 45.0
-CAMERA_GAMMA = 1.25
-CAMERA_GAINS = (0.7, 1.0, 1.3)
 # Bumped whenever the appearance model changes, so a pair drawn by an older version is
 # recognised by ``ensure_synthetic_pair`` instead of silently reused.
 APPEARANCE_VERSION = 2
 
 
-def camera_response(rgb: tuple[int, int, int], hue_degrees: float = CAMERA_HUE_DEGREES,
-                    gamma: float = CAMERA_GAMMA,
-                    gains: tuple[float, float, float] = CAMERA_GAINS) -> tuple[int, int, int]:
-    """The target camera's rendering of a source colour (RGB 0..255 in and out).
+def camera_response(rgb: tuple[int, int, int], hue_degrees: float, gamma: float,
+                    gains: tuple[float, float, float]) -> tuple[int, int, int]:
+    """A camera's rendering of a source colour (RGB 0..255 in and out).
 
     The hue turns by ``hue_degrees`` about the grey axis (Rodrigues' rotation), then each
     channel gets ``gamma`` and its white-balance gain; the result is clipped to 0..255.
@@ -127,6 +110,121 @@ def camera_response(rgb: tuple[int, int, int], hue_degrees: float = CAMERA_HUE_D
     return tuple(int(v) for v in np.round(graded))
 
 
+# The ranges ``Camera.random`` draws from, each uniformly and independently (fixed before any
+# demo ran on a random camera; docs/synthetic.md). Hue: a magnitude and a random sign, at
+# least 30 degrees so that every camera leaves a gap to close. Gains: red and blue, green
+# stays 1. Tint and gradient: the half-width of a range centred on 1 and 0. Textures: one of
+# ``RANDOM_TEXTURES`` per class with an amplitude from "texture_amplitude".
+RANDOM_CAMERA_RANGES: dict[str, tuple[float, float]] = {
+    "hue_magnitude_degrees": (30.0, 60.0),
+    "gamma": (0.8, 1.4),
+    "gain_red_blue": (0.7, 1.3),
+    "colour_jitter": (10.0, 20.0),
+    "brightness_low": (0.75, 0.9),
+    "brightness_high": (1.05, 1.2),
+    "tint_half_width": (0.06, 0.15),
+    "gradient_half_width": (0.1, 0.4),
+    "noise_std": (3.0, 9.0),
+    "blur_sigma": (0.4, 1.0),
+    "texture_amplitude": (0.05, 0.3),
+}
+# The textures ``_texture`` paints. The source's building windows are left out of the random
+# ones: they stay a mark of the source domain.
+_TEXTURE_NAMES = ("flat", "grain", "blotch", "hstripes", "vstripes", "tiles", "windows")
+RANDOM_TEXTURES = _TEXTURE_NAMES[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Camera:
+    """The target domain's appearance: how a camera renders the source's scene.
+
+    Every class's source colour goes through ``camera_response(colour, hue_degrees, gamma,
+    gains)``; ``textures`` holds (labelId, texture name, amplitude) per drawn class; the
+    other fields are those of ``DomainStyle``. Hashable, so it can key caches.
+    """
+
+    hue_degrees: float
+    gamma: float
+    gains: tuple[float, float, float]
+    textures: tuple[tuple[int, str, float], ...]
+    colour_jitter: float
+    brightness: tuple[float, float]
+    tint: tuple[float, float]
+    gradient: tuple[float, float]
+    noise_std: float
+    blur_sigma: float
+
+    def __post_init__(self) -> None:
+        drawn = sorted(label_id for label_id, _, _ in self.textures)
+        if drawn != sorted(DRAWN_LABEL_IDS):
+            raise ValueError(f"textures must name each drawn labelId {DRAWN_LABEL_IDS} once, "
+                             f"got {tuple(drawn)}")
+        unknown = {name for _, name, _ in self.textures} - set(_TEXTURE_NAMES)
+        if unknown:
+            raise ValueError(f"textures name unknown textures {sorted(unknown)}; "
+                             f"expected some of {_TEXTURE_NAMES}")
+
+    def style(self) -> DomainStyle:
+        """The ``DomainStyle`` that paints the target domain through this camera."""
+        textures = {label_id: (name, amplitude) for label_id, name, amplitude in self.textures}
+        return DomainStyle(
+            class_looks={label_id: (camera_response(colour, self.hue_degrees, self.gamma,
+                                                    self.gains), *textures[label_id])
+                         for label_id, (colour, _, _) in _SOURCE_LOOKS.items()},
+            colour_jitter=self.colour_jitter, brightness=self.brightness, tint=self.tint,
+            gradient=self.gradient, noise_std=self.noise_std, blur_sigma=self.blur_sigma)
+
+    def to_json(self) -> dict:
+        """The fields as JSON values (lists for tuples), as ``synthetic.json`` records them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def random(cls, seed: int) -> Camera:
+        """A camera drawn uniformly from ``RANDOM_CAMERA_RANGES``; the same seed, the same camera.
+
+        Values are rounded to 3 decimals so that tables and manifests stay readable.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        rng = np.random.default_rng(int(seed))
+
+        def draw(name: str) -> float:
+            return round(float(rng.uniform(*RANDOM_CAMERA_RANGES[name])), 3)
+
+        hue = draw("hue_magnitude_degrees") * (1.0 if rng.uniform() < 0.5 else -1.0)
+        gamma = draw("gamma")
+        gains = (draw("gain_red_blue"), 1.0, draw("gain_red_blue"))
+        textures = tuple((label_id, RANDOM_TEXTURES[rng.integers(len(RANDOM_TEXTURES))],
+                          draw("texture_amplitude")) for label_id in DRAWN_LABEL_IDS)
+        tint, gradient = draw("tint_half_width"), draw("gradient_half_width")
+        return cls(hue_degrees=hue, gamma=gamma, gains=gains, textures=textures,
+                   colour_jitter=draw("colour_jitter"),
+                   brightness=(draw("brightness_low"), draw("brightness_high")),
+                   tint=(round(1.0 - tint, 3), round(1.0 + tint, 3)),
+                   gradient=(-gradient, gradient),
+                   noise_std=draw("noise_std"), blur_sigma=draw("blur_sigma"))
+
+
+# The embedded target camera: hue turned 45 degrees about the grey axis, gamma 1.25 and
+# white-balance gains with a cool cast, so most classes land near another class's source
+# colour; other textures, a per-image tint and vertical light gradient, more noise, a slight
+# blur. docs/synthetic.md measures the gap it makes.
+EMBEDDED_CAMERA = Camera(
+    hue_degrees=45.0,
+    gamma=1.25,
+    gains=(0.7, 1.0, 1.3),
+    textures=((ROAD, "grain", 0.12), (SIDEWALK, "tiles", 0.15), (BUILDING, "vstripes", 0.15),
+              (WALL, "grain", 0.1), (FENCE, "vstripes", 0.25), (POLE, "flat", 0.0),
+              (TRAFFIC_SIGN, "flat", 0.0), (VEGETATION, "blotch", 0.3), (TERRAIN, "grain", 0.15),
+              (SKY, "blotch", 0.06), (PERSON, "flat", 0.0), (CAR, "hstripes", 0.15)),
+    colour_jitter=15.0,
+    brightness=(0.8, 1.15),
+    tint=(0.88, 1.12),
+    gradient=(-0.3, 0.3),
+    noise_std=6.0,
+    blur_sigma=0.7,
+)
+
 STYLES: dict[str, DomainStyle] = {
     # A game-like look: saturated flat colours, windows on buildings, even light, sharp edges.
     "source": DomainStyle(
@@ -138,19 +236,8 @@ STYLES: dict[str, DomainStyle] = {
         noise_std=3.0,
         blur_sigma=0.0,
     ),
-    # A camera-like look: every source colour through one camera response (so several land
-    # near another class's source colour), other textures, a per-image tint and vertical
-    # light gradient, more noise, a slight blur.
-    "target": DomainStyle(
-        class_looks={label_id: (camera_response(colour), *_TARGET_TEXTURES[label_id])
-                     for label_id, (colour, _, _) in _SOURCE_LOOKS.items()},
-        colour_jitter=15.0,
-        brightness=(0.8, 1.15),
-        tint=(0.88, 1.12),
-        gradient=(-0.3, 0.3),
-        noise_std=6.0,
-        blur_sigma=0.7,
-    ),
+    # A camera-like look: the embedded camera.
+    "target": EMBEDDED_CAMERA.style(),
 }
 
 
@@ -158,10 +245,12 @@ STYLES: dict[str, DomainStyle] = {
 # Label layouts.
 
 
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+def _check_size(size: tuple[int, int], name: str = "size") -> tuple[int, int]:
+    if len(size) != 2:
+        raise ValueError(f"{name} must be (height, width), got {size}")
     height, width = (int(v) for v in size)
     if height < 16 or width < 16:
-        raise ValueError(f"size must be (height, width) with both >= 16, got {size}")
+        raise ValueError(f"{name} must be (height, width) with both >= 16, got {size}")
     return height, width
 
 
@@ -391,14 +480,26 @@ def render(layout_label_ids: np.ndarray, domain: str | DomainStyle,
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def _style(domain: str, camera: Camera | None) -> DomainStyle:
+    if domain not in STYLES:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    if camera is not None and not isinstance(camera, Camera):
+        raise ValueError(f"camera must be a Camera or None, got {camera!r}")
+    if domain == "target" and camera is not None:
+        return camera.style()
+    return STYLES[domain]
+
+
 @functools.lru_cache(maxsize=4)
-def _class_colors(domain: str, num_images: int, size: tuple[int, int]) -> np.ndarray:
+def _class_colors(domain: str, num_images: int, size: tuple[int, int],
+                  camera: Camera | None) -> np.ndarray:
+    style = _style(domain, camera)
     sums = np.zeros((labels.NUM_CLASSES, 3))
     counts = np.zeros(labels.NUM_CLASSES)
     for index in range(num_images):
         rng = np.random.default_rng([12345, index])
         layout = sample_layout(rng, size)
-        image = render(layout, domain, rng).astype(np.float64)
+        image = render(layout, style, rng).astype(np.float64)
         train_ids = labels.LABEL_ID_TO_TRAIN_ID[layout]
         for train_id in np.unique(train_ids):
             if train_id < labels.NUM_CLASSES:
@@ -411,35 +512,86 @@ def _class_colors(domain: str, num_images: int, size: tuple[int, int]) -> np.nda
     return means
 
 
-def domain_class_colors(domain: str, num_images: int = 64,
-                        size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
+def domain_class_colors(domain: str, num_images: int = 64, size: tuple[int, int] = DEFAULT_SIZE,
+                        camera: Camera | None = None) -> np.ndarray:
     """Mean RGB [19, 3] (float, 0..255) of each trainId in ``domain``; NaN for classes not drawn.
 
     Measured over ``num_images`` rendered layouts (a fixed internal seed), so it includes
     textures and illumination; a translated source image should move toward the target's row.
+    ``camera`` (target only) replaces the embedded camera.
     """
-    if domain not in STYLES:
-        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    return _class_colors(domain, int(num_images), _check_size(size)).copy()
+    _style(domain, camera)
+    return _class_colors(domain, int(num_images), _check_size(size), camera).copy()
 
 
 def sample_example(seed: int, domain: str, split: str, index: int,
-                   size: tuple[int, int] = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """The (uint8 RGB image, uint8 labelId map) that ``generate_pair`` writes for one example."""
+                   size: tuple[int, int] = DEFAULT_SIZE,
+                   camera: Camera | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (uint8 RGB image, uint8 labelId map) that ``generate_pair`` writes for one example.
+
+    ``camera`` paints the target domain (``EMBEDDED_CAMERA`` when None); the source ignores it.
+    """
+    style = _style(domain, camera)
     domain_code = DOMAINS.index(domain)
     split_code = ("train", "val").index(split)
     rng = np.random.default_rng([int(seed), domain_code, split_code, int(index)])
     layout = sample_layout(rng, size)
-    return render(layout, domain, rng), layout
+    return render(layout, style, rng), layout
 
 
 # ---------------------------------------------------------------------------------------------
 # Files.
 
+SOURCE_LAYOUTS = ("gta5", "synthia")
+# SYNTHIA's terrain id: the labels.py table maps it to ignore, as every SYNTHIA benchmark subset
+# leaves terrain out (liyunsheng13/BDL data/synthia_dataset.py maps 16 -> terrain).
+SYNTHIA_TERRAIN_ID = 16
+
+
+def _synthia_ids_of_label_ids() -> np.ndarray:
+    """labelId -> SYNTHIA class id, the inverse of labels.SYNTHIA_ID_TO_TRAIN_ID through the
+    trainIds; terrain gets SYNTHIA's terrain id and every other labelId 0 (void)."""
+    table = np.zeros(256, np.uint16)
+    for synthia_id, train_id in labels.SYNTHIA_ID_TO_TRAIN_ID.items():
+        table[labels.TRAIN_ID_TO_LABEL_ID[train_id]] = synthia_id
+    table[TERRAIN] = SYNTHIA_TERRAIN_ID
+    return table
+
+
+_LABEL_ID_TO_SYNTHIA_ID = _synthia_ids_of_label_ids()
+
+
+def synthia_label(layout_label_ids: np.ndarray) -> np.ndarray:
+    """The uint16 [H, W, 3] SYNTHIA-RAND-CITYSCAPES ``GT/LABELS`` array of a labelId layout.
+
+    The class id is in the first channel (RGB order), as the dataset stores it
+    (docs/facts.md); the second channel, the dataset's instance id, and the third stay 0.
+    """
+    label = np.zeros(layout_label_ids.shape + (3,), np.uint16)
+    label[..., 0] = _LABEL_ID_TO_SYNTHIA_ID[layout_label_ids]
+    return label
+
 
 def _save_png(path: str, image: Image.Image) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image.save(path, format="PNG")
+
+
+def _save_png16(path: str, array: np.ndarray) -> None:
+    """Writes uint16 [H, W, 3] as a 16-bit RGB PNG (Pillow writes 16 bits only for greys)."""
+    height, width, _ = array.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8),  # filter type 0 per row
+                           array.astype(">u2").view(np.uint8).reshape(height, 6 * width)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16-bit RGB
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
 def _palette_png(layout: np.ndarray) -> Image.Image:
@@ -448,15 +600,45 @@ def _palette_png(layout: np.ndarray) -> Image.Image:
     return image
 
 
+def _write_source(root: str, layout_name: str, index: int, image: np.ndarray,
+                  layout: np.ndarray) -> str:
+    """Writes one source example in ``layout_name``; returns the image path relative to root.
+
+    GTA5: ``images/00001.png`` and a palette ``labels/00001.png`` (index = labelId), names from
+    1 (liyunsheng13/BDL data/gta5_dataset.py). SYNTHIA-RAND-CITYSCAPES: ``RGB/0000000.png`` and
+    a 16-bit ``GT/LABELS/0000000.png``, names from 0 (docs/facts.md).
+    """
+    if layout_name == "gta5":
+        name = f"{index + 1:05d}.png"
+        _save_png(os.path.join(root, "images", name), Image.fromarray(image, mode="RGB"))
+        _save_png(os.path.join(root, "labels", name), _palette_png(layout))
+        return f"images/{name}"
+    name = f"{index:07d}.png"
+    _save_png(os.path.join(root, "RGB", name), Image.fromarray(image, mode="RGB"))
+    _save_png16(os.path.join(root, "GT", "LABELS", name), synthia_label(layout))
+    return f"RGB/{name}"
+
+
 def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
                   num_target_train: int = 100, num_target_val: int = 50,
-                  size: tuple[int, int] = DEFAULT_SIZE) -> dict:
-    """Writes the source (GTA5 layout) and target (Cityscapes layout) sets under ``out_dir``.
+                  size: tuple[int, int] = DEFAULT_SIZE, *, source_layout: str = "gta5",
+                  source_size: tuple[int, int] | None = None,
+                  camera: Camera | None = None) -> dict:
+    """Writes the source and target (Cityscapes layout) sets under ``out_dir``.
 
-    Returns the manifest also written to ``out_dir/synthetic.json``: the parameters, the
-    two roots and the relative paths of every image.
+    ``size`` is the (height, width) of the target images, ``source_size`` that of the source
+    images (default ``size``); ``source_layout`` is "gta5" or "synthia" (SYNTHIA-RAND-CITYSCAPES,
+    whose labels hold only the classes SYNTHIA has); ``camera`` paints the target
+    (``EMBEDDED_CAMERA`` when None). Returns the manifest also written to
+    ``out_dir/synthetic.json``: the parameters, the two roots and the relative paths of every
+    image.
     """
     height, width = _check_size(size)
+    source_hw = _check_size(size if source_size is None else source_size, "source_size")
+    if source_layout not in SOURCE_LAYOUTS:
+        raise ValueError(f"source_layout must be one of {SOURCE_LAYOUTS}, got {source_layout!r}")
+    camera = EMBEDDED_CAMERA if camera is None else camera
+    _style("target", camera)
     for name, count in (("num_source", num_source), ("num_target_train", num_target_train),
                         ("num_target_val", num_target_val)):
         if int(count) < 0:
@@ -471,11 +653,8 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
     done = 0
     source_files = []
     for index in range(num_source):
-        image, layout = sample_example(seed, "source", "train", index, (height, width))
-        name = f"{index + 1:05d}.png"
-        _save_png(os.path.join(source_root, "images", name), Image.fromarray(image, mode="RGB"))
-        _save_png(os.path.join(source_root, "labels", name), _palette_png(layout))
-        source_files.append(f"images/{name}")
+        image, layout = sample_example(seed, "source", "train", index, source_hw)
+        source_files.append(_write_source(source_root, source_layout, index, image, layout))
         done += 1
         progress.update(done)
     target_files = {}
@@ -483,7 +662,8 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
                                  ("val", num_target_val, VAL_CITIES)):
         target_files[split] = []
         for index in range(count):
-            image, layout = sample_example(seed, "target", split, index, (height, width))
+            image, layout = sample_example(seed, "target", split, index, (height, width),
+                                           camera)
             city = cities[index % len(cities)]
             stem = f"{city}_{index:06d}_{_FRAME:06d}"
             image_rel = f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"
@@ -495,7 +675,8 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
             progress.update(done)
     manifest = {
         "appearance_version": APPEARANCE_VERSION, "seed": int(seed), "size": [height, width],
-        "num_source": int(num_source),
+        "source_layout": source_layout, "source_size": list(source_hw),
+        "camera": camera.to_json(), "num_source": int(num_source),
         "num_target_train": int(num_target_train), "num_target_val": int(num_target_val),
         "source_root": "source", "target_root": "target",
         "source_images": source_files, "target_images": target_files,
@@ -508,17 +689,30 @@ def generate_pair(out_dir: str, seed: int = 0, num_source: int = 200,
 @gin.configurable
 def ensure_synthetic_pair(root: str, seed: int = 0, num_source: int = 200,
                           num_target_train: int = 100, num_target_val: int = 50,
-                          size: tuple[int, int] = DEFAULT_SIZE) -> tuple[str, str]:
+                          size: tuple[int, int] = DEFAULT_SIZE, source_layout: str = "gta5",
+                          source_size: tuple[int, int] | None = None,
+                          camera_seed: int | None = None) -> tuple[str, str]:
     """Generates the pair into ``root`` unless it is there; returns (source_root, target_root).
 
-    Generation goes to ``root + ".tmp"`` and is renamed when complete, so an interrupted run
-    never leaves a ``root`` that looks complete. An existing ``root`` made with other
-    parameters, or by an older version of the appearance model (``APPEARANCE_VERSION``), is
-    an error (delete it or choose another root).
+    ``camera_seed`` paints the target through ``Camera.random(camera_seed)`` instead of the
+    embedded camera (None). Generation goes to ``root + ".tmp"`` and is renamed when complete,
+    so an interrupted run never leaves a ``root`` that looks complete. An existing ``root``
+    made with other parameters, or by an older version of the appearance model
+    (``APPEARANCE_VERSION``), is an error (delete it or choose another root).
     """
-    wanted = {"appearance_version": APPEARANCE_VERSION, "seed": int(seed),
-              "size": list(_check_size(size)), "num_source": int(num_source),
-              "num_target_train": int(num_target_train), "num_target_val": int(num_target_val)}
+    if camera_seed is not None and (isinstance(camera_seed, bool)
+                                    or not isinstance(camera_seed, (int, np.integer))):
+        raise ValueError(f"camera_seed must be an int or None, got {camera_seed!r}")
+    camera_seed = None if camera_seed is None else int(camera_seed)
+    camera = EMBEDDED_CAMERA if camera_seed is None else Camera.random(camera_seed)
+    target_hw = list(_check_size(size))
+    wanted = {"appearance_version": APPEARANCE_VERSION, "seed": int(seed), "size": target_hw,
+              "source_layout": source_layout,
+              "source_size": list(_check_size(source_size, "source_size")) if source_size
+              else target_hw,
+              "camera_seed": camera_seed, "camera": camera.to_json(),
+              "num_source": int(num_source), "num_target_train": int(num_target_train),
+              "num_target_val": int(num_target_val)}
     source_root, target_root = os.path.join(root, "source"), os.path.join(root, "target")
     manifest_path = os.path.join(root, MANIFEST_NAME)
     if os.path.exists(root):
@@ -527,31 +721,45 @@ def ensure_synthetic_pair(root: str, seed: int = 0, num_source: int = 200,
                              "pair; delete it or pass another root to ensure_synthetic_pair")
         with open(manifest_path) as f:
             manifest = json.load(f)
-        found = {key: manifest.get(key) for key in wanted}
+        # Manifests written before the source layout, its size and the camera were parameters
+        # describe the same files as these defaults.
+        earlier = {"source_layout": "gta5", "source_size": manifest.get("size"),
+                   "camera_seed": None, "camera": EMBEDDED_CAMERA.to_json()}
+        found = {key: manifest.get(key, earlier.get(key)) for key in wanted}
         if found != wanted:
-            raise ValueError(f"{manifest_path} was generated with {found}, but {wanted} was "
-                             "asked for; delete it or pass another root")
+            differing = {key: (found[key], wanted[key]) for key in wanted
+                         if found[key] != wanted[key]}
+            raise ValueError(f"{manifest_path} was generated with other parameters "
+                             f"(found, asked for): {differing}; delete it or pass another root")
         return source_root, target_root
     staging = root.rstrip(os.sep) + ".tmp"
     if os.path.exists(staging):
         shutil.rmtree(staging)  # left by an interrupted run
-    generate_pair(staging, seed=seed, num_source=num_source, num_target_train=num_target_train,
-                  num_target_val=num_target_val, size=size)
+    manifest = generate_pair(staging, seed=seed, num_source=num_source,
+                             num_target_train=num_target_train, num_target_val=num_target_val,
+                             size=size, source_layout=source_layout, source_size=source_size,
+                             camera=camera)
+    manifest["camera_seed"] = camera_seed
+    with open(os.path.join(staging, MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f, indent=1)
     os.replace(staging, root)
     return source_root, target_root
 
 
 def save_preview(out_png: str, seed: int = 0, num_examples: int = 4,
-                 size: tuple[int, int] = DEFAULT_SIZE, zoom: int = 2) -> None:
+                 size: tuple[int, int] = DEFAULT_SIZE, zoom: int = 2,
+                 camera: Camera | None = None) -> None:
     """Saves a grid PNG: one row per example, columns source image, source labels, target
-    image, target labels (Cityscapes colours, void black), each enlarged ``zoom`` times."""
+    image (through ``camera``, the embedded one when None), target labels (Cityscapes colours,
+    void black), each enlarged ``zoom`` times."""
     height, width = _check_size(size)
     gap = 2
     rows = []
     for index in range(num_examples):
         cells = []
         for domain in DOMAINS:
-            image, layout = sample_example(seed, domain, "train", index, (height, width))
+            image, layout = sample_example(seed, domain, "train", index, (height, width),
+                                           camera)
             train_ids = labels.LABEL_ID_TO_TRAIN_ID[layout]
             colours = np.zeros((256, 3), np.uint8)
             colours[:labels.NUM_CLASSES] = labels.PALETTE
@@ -570,12 +778,19 @@ def main(argv: list[str]) -> None:
     del argv
     values = flags.FLAGS
     logging.set_verbosity(logging.INFO)
+    camera = None if values.camera_seed is None else Camera.random(values.camera_seed)
+    source_size = None
+    if values.source_height is not None or values.source_width is not None:
+        source_size = (values.source_height or values.height, values.source_width or values.width)
     manifest = generate_pair(values.out, seed=values.seed, num_source=values.num_source,
                              num_target_train=values.num_target_train,
                              num_target_val=values.num_target_val,
-                             size=(values.height, values.width))
+                             size=(values.height, values.width),
+                             source_layout=values.source_layout, source_size=source_size,
+                             camera=camera)
     if values.preview:
-        save_preview(values.preview, seed=values.seed, size=(values.height, values.width))
+        save_preview(values.preview, seed=values.seed, size=(values.height, values.width),
+                     camera=camera)
     logging.info("wrote %d source and %d + %d target examples under %s",
                  manifest["num_source"], manifest["num_target_train"],
                  manifest["num_target_val"], values.out)
@@ -587,11 +802,18 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("out", None, "Output directory (gets source/, target/, synthetic.json).")
     flags.DEFINE_integer("seed", 0, "Seed; the same seed gives byte-identical files.")
-    flags.DEFINE_integer("num_source", 200, "Source (GTA5-layout) examples.")
+    flags.DEFINE_integer("num_source", 200, "Source examples.")
+    flags.DEFINE_enum("source_layout", "gta5", list(SOURCE_LAYOUTS),
+                      "Source layout: GTA5 or SYNTHIA-RAND-CITYSCAPES.")
     flags.DEFINE_integer("num_target_train", 100, "Target (Cityscapes-layout) train examples.")
     flags.DEFINE_integer("num_target_val", 50, "Target val examples.")
-    flags.DEFINE_integer("height", DEFAULT_SIZE[0], "Image height in pixels.")
-    flags.DEFINE_integer("width", DEFAULT_SIZE[1], "Image width in pixels.")
+    flags.DEFINE_integer("height", DEFAULT_SIZE[0], "Target image height in pixels.")
+    flags.DEFINE_integer("width", DEFAULT_SIZE[1], "Target image width in pixels.")
+    flags.DEFINE_integer("source_height", None, "Source image height (default --height).")
+    flags.DEFINE_integer("source_width", None, "Source image width (default --width).")
+    flags.DEFINE_integer("camera_seed", None,
+                         "Paint the target through Camera.random(SEED) instead of the embedded "
+                         "camera.")
     flags.DEFINE_string("preview", None, "Optional PNG path for a preview grid.")
     flags.mark_flag_as_required("out")
 
