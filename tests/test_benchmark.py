@@ -3,12 +3,13 @@
 import itertools
 import json
 import math
+import os
 
 import keras
 import pytest
 import tensorflow as tf
 
-from sait_tf.runtime import files
+from sait_tf.runtime import files, machine
 from sait_tf.tools import benchmark
 
 TINY_DEEPLAB = {"blocks": (1, 1, 1, 1), "width_multiplier": 0.125}
@@ -104,4 +105,7 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     assert all(math.isfinite(rate) and rate > 0
                for rate in result["serving_images_per_s_by_batch"].values())
     assert result["machine"]["tensorflow_version"] == tf.__version__
+    assert set(result["machine"]["simd_flags"]) <= set(machine.cpu_flags())
+    assert result["machine"]["onednn_max_cpu_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA",
+                                                                     "default")
     assert keras.mixed_precision.global_policy().name == "float32"

@@ -48,6 +48,7 @@ from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import build_patch_discriminator
 from sait_tf.models.translator import DOMAINS, build_translator, translate_pixels
 from sait_tf.runtime import files
+from sait_tf.runtime.machine import cpu_flags, simd_flags
 from sait_tf.runtime.progress import Progress
 from sait_tf.train import distribute
 from sait_tf.train.optimizers import (
@@ -523,6 +524,8 @@ def machine_info() -> dict:
         "keras_version": keras.__version__,
         "python_version": platform.python_version(),
         "load_average_1_5_15": list(os.getloadavg()),
+        "simd_flags": simd_flags(cpu_flags()),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
     }
 
 

@@ -45,6 +45,7 @@ from absl import flags, logging
 from sait_tf import cli
 from sait_tf.data import synthetic
 from sait_tf.runtime import files
+from sait_tf.runtime.machine import cpu_flags, simd_flags
 
 PAPER_CONFIGS = ("gin/gta5_deeplabv2.gin", "gin/gta5_fcn8s.gin", "gin/synthia_deeplabv2.gin",
                  "gin/synthia_fcn8s.gin")
@@ -293,23 +294,6 @@ def prepare(config: str, bindings: Sequence[str], weights_path: str) -> dict:
             "target": dataclasses.asdict(pipeline.target_domain()),
             "translator_crop": _bound(pipeline.run_pipeline, "translator_crop"),
             "machine": machine_info()}
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``), empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
-
-
-def simd_flags(flag_list: Sequence[str]) -> list[str]:
-    """The vector-arithmetic subset of ``flag_list`` (AVX*, FMA, AMX, F16C)."""
-    return [flag for flag in flag_list if flag.startswith(("avx", "fma", "amx", "f16c"))]
 
 
 def available_gb() -> float:
