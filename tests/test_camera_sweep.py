@@ -3,13 +3,15 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 from sait_tf.data import synthetic
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "camera_sweep.py")
+_TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+_TOOL = os.path.join(_TOOLS, "camera_sweep.py")
+sys.path.insert(0, _TOOLS)  # as when the script runs: it imports its sibling demo_seeds
 _spec = importlib.util.spec_from_file_location("camera_sweep", _TOOL)
 camera_sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(camera_sweep)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+
+import demo_seeds  # the sibling script: tools/ is on sys.path when a script of it runs
 
 from sait_tf.data import synthetic
 from sait_tf.train import summaries
@@ -29,12 +29,8 @@ from sait_tf.train import summaries
 def demo_command(gin_file: str, run_dir: str, pair_root: str, camera_seed: int,
                  gin_params: list[str]) -> list[str]:
     """The main job's command line for one camera; the pair root moves with the camera."""
-    bindings = [f"ensure_synthetic_pair.camera_seed = {camera_seed}",
-                f"run_pipeline.synthetic_pair_root = '{pair_root}'",
-                f"SOURCE_ROOT = '{pair_root}/source'",
-                f"TARGET_ROOT = '{pair_root}/target'", *gin_params]
-    return [sys.executable, "-m", "sait_tf.train", f"--gin_file={gin_file}",
-            f"--run_dir={run_dir}", *(f"--gin_param={b}" for b in bindings)]
+    return demo_seeds.demo_command(gin_file, run_dir, pair_root, camera_seed, gin_params,
+                                   pair_binding="ensure_synthetic_pair.camera_seed")
 
 
 def gap_closed(metrics: dict) -> float | None:
@@ -92,17 +88,9 @@ def run_camera(args: argparse.Namespace, camera_seed: int) -> dict:
     """Runs (or resumes) the demo on one camera and returns its metrics.json."""
     run_dir = os.path.join(args.out_dir, f"cam{camera_seed}")
     pair_root = os.path.join(args.out_dir, f"pair_cam{camera_seed}")
-    log_path = os.path.join(args.out_dir, f"cam{camera_seed}.log")
     command = demo_command(args.gin_file, run_dir, pair_root, camera_seed, args.gin_param)
-    print(f"camera {camera_seed}: {' '.join(command)}\n  log: {log_path}", flush=True)
-    started = time.monotonic()
-    with open(log_path, "a") as log:
-        returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-    if returncode != 0:
-        sys.exit(f"camera {camera_seed}: the demo exited with {returncode}; see {log_path}")
-    print(f"camera {camera_seed}: finished in {time.monotonic() - started:.0f} s", flush=True)
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
+    return demo_seeds.run_demo(f"camera {camera_seed}", command, run_dir,
+                               os.path.join(args.out_dir, f"cam{camera_seed}.log"))
 
 
 def main() -> None:

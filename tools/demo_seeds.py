@@ -22,9 +22,11 @@ import time
 
 
 def demo_command(gin_file: str, run_dir: str, pair_root: str, seed: int,
-                 gin_params: list[str]) -> list[str]:
-    """The main job's command line for one seed; the pair root moves with the seed."""
-    bindings = [f"ensure_synthetic_pair.seed = {seed}",
+                 gin_params: list[str], pair_binding: str = "ensure_synthetic_pair.seed"
+                 ) -> list[str]:
+    """The main job's command line with ``pair_binding = seed`` (the pair's seed, or another
+    of ``ensure_synthetic_pair``'s parameters); the pair root moves with it."""
+    bindings = [f"{pair_binding} = {seed}",
                 f"run_pipeline.synthetic_pair_root = '{pair_root}'",
                 f"SOURCE_ROOT = '{pair_root}/source'",
                 f"TARGET_ROOT = '{pair_root}/target'", *gin_params]
@@ -60,21 +62,27 @@ def table_rows(results: dict[int, dict]) -> list[str]:
     return rows
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict:
-    """Runs (or resumes) one seed's demo and returns its metrics.json."""
-    run_dir = os.path.join(args.out_dir, f"seed_{seed}")
-    pair_root = os.path.join(args.out_dir, f"pair_seed_{seed}")
-    log_path = os.path.join(args.out_dir, f"seed_{seed}.log")
-    command = demo_command(args.gin_file, run_dir, pair_root, seed, args.gin_param)
-    print(f"seed {seed}: {' '.join(command)}\n  log: {log_path}", flush=True)
+def run_demo(name: str, command: list[str], run_dir: str, log_path: str) -> dict:
+    """Runs (or resumes) one demo ``command``, logging to ``log_path``; returns the run's
+    metrics.json. Exits naming ``name`` and the log when the demo fails."""
+    print(f"{name}: {' '.join(command)}\n  log: {log_path}", flush=True)
     started = time.monotonic()
     with open(log_path, "a") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     if returncode != 0:
-        sys.exit(f"seed {seed}: the demo exited with {returncode}; see {log_path}")
-    print(f"seed {seed}: finished in {time.monotonic() - started:.0f} s", flush=True)
+        sys.exit(f"{name}: the demo exited with {returncode}; see {log_path}")
+    print(f"{name}: finished in {time.monotonic() - started:.0f} s", flush=True)
     with open(os.path.join(run_dir, "metrics.json")) as f:
         return json.load(f)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    """Runs (or resumes) one seed's demo and returns its metrics.json."""
+    run_dir = os.path.join(args.out_dir, f"seed_{seed}")
+    pair_root = os.path.join(args.out_dir, f"pair_seed_{seed}")
+    command = demo_command(args.gin_file, run_dir, pair_root, seed, args.gin_param)
+    return run_demo(f"seed {seed}", command, run_dir,
+                    os.path.join(args.out_dir, f"seed_{seed}.log"))
 
 
 def main() -> None:
