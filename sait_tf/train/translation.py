@@ -86,6 +86,11 @@ class TranslationStep:
         """Discriminator update, then translator update, on ``batch`` {"source", "target"} of
         float32 RGB [0, 255] images; returns the unweighted loss terms.
 
+        Eq. 1 is a sum of one term per direction (source->target->source and back), so F's
+        gradient is taken one direction at a time: the second direction's M pass, cycle pass
+        and discriminator scores are computed only after the first direction's gradient, and
+        M's pass for L_SCE is recomputed in the backward pass instead of being kept. The
+        update equals that of one tape over both directions; peak memory is about half.
         Losses are float32 (the loss functions cast 16-bit model outputs). Under a
         tf.distribute strategy each replica weights its losses by its share of the global
         batch, so the all-reduced update is that of one device on the whole batch.
@@ -100,43 +105,62 @@ class TranslationStep:
         seg = {"source": tf.stop_gradient(self.segmenter(source_pixels, training=False)),
                "target": tf.stop_gradient(self.segmenter(target_pixels, training=False))}
         translator = self.translator
-        terms = {name: [] for name in LOSS_TERMS}
-        with tf.GradientTape() as tape:
-            z = {d: translator.encode(x[d], d, training=True) for d in DOMAINS}
-            recon = {d: translator.decode(z[d], seg[d], d, training=True) for d in DOMAINS}
-            # translated[d] is x_{d->other}; it is judged by the other domain's discriminator.
-            translated = {d: translator.decode(z[d], seg[d], OTHER[d], training=True)
-                          for d in DOMAINS}
-            with tape.stop_recording():
-                fake = {OTHER[d]: translated[d] for d in DOMAINS}
-                results = self._discriminator_update(x, fake, share)
-            for d in DOMAINS:
-                other = OTHER[d]
-                seg_translated = None
-                if self.use_sce:
-                    seg_translated = self._segment(translated[d])
-                    terms["sce"].append(losses.symmetric_cross_entropy(seg[d], seg_translated))
-                elif translator.conditioned:
-                    with tape.stop_recording():
-                        seg_translated = self._segment(translated[d])
-                guide = None if seg_translated is None else tf.stop_gradient(seg_translated)
-                z_cycle = translator.encode(translated[d], other, training=True)
-                x_cycle = translator.decode(z_cycle, guide, d, training=True)
-                terms["reconstruction"].append(losses.l1_loss(recon[d], x[d]))
-                terms["gan"].append(losses.lsgan_generator_loss(
-                    self.discriminators[other](translated[d], training=True)))
-                terms["image_cycle"].append(losses.l1_loss(x_cycle, x[d]))
-                terms["latent_cycle"].append(losses.l1_loss(z_cycle, z[d]))
-            terms = {name: tf.add_n(values) for name, values in terms.items() if values}
-            total = tf.add_n([self.weights[name] * value for name, value in terms.items()])
-            scaled = total * share
-            grads_of = distribute.scale_loss(self.generator_optimizer, scaled)
+        tapes = {d: tf.GradientTape() for d in DOMAINS}
+        z, recon, translated = {}, {}, {}
+        for d in DOMAINS:
+            with tapes[d]:
+                z[d] = translator.encode(x[d], d, training=True)
+                recon[d] = translator.decode(z[d], seg[d], d, training=True)
+                # translated[d] is x_{d->other}; it is judged by the other domain's discriminator.
+                translated[d] = translator.decode(z[d], seg[d], OTHER[d], training=True)
+        results = self._discriminator_update(
+            x, {OTHER[d]: translated[d] for d in DOMAINS}, share)
         variables = self.generator_variables
-        grads = tape.gradient(grads_of, variables)
-        applied = distribute.apply_gradients(self.generator_optimizer, grads, variables, scaled)
+        terms = {name: [] for name in LOSS_TERMS}
+        grads, total = None, []
+        for d in DOMAINS:
+            with tapes[d]:
+                after = [] if grads is None else [g for g in grads if g is not None]
+                with tf.control_dependencies(after):
+                    translated_d = tf.identity(translated[d])
+                direction = self._direction_terms(d, x[d], seg[d], z[d], recon[d], translated_d)
+                weighted = tf.add_n([self.weights[name] * value
+                                     for name, value in direction.items()])
+                grads_of = distribute.scale_loss(self.generator_optimizer, weighted * share)
+            direction_grads = tapes[d].gradient(grads_of, variables)
+            grads = direction_grads if grads is None else [
+                _add_gradients(a, b) for a, b in zip(grads, direction_grads, strict=True)]
+            total.append(weighted)
+            for name, value in direction.items():
+                terms[name].append(value)
+        terms = {name: tf.add_n(values) for name, values in terms.items() if values}
+        total = tf.add_n(total)
+        applied = distribute.apply_gradients(self.generator_optimizer, grads, variables,
+                                             total * share)
         results.update(terms)
         results.update({"translator": total, "translator_applied": applied})
         return results
+
+    def _direction_terms(self, domain: str, x: tf.Tensor, seg: tf.Tensor, z: tf.Tensor,
+                         recon: tf.Tensor, translated: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The unweighted Eq. 1 terms of one direction, ``domain`` -> other -> ``domain``."""
+        other = OTHER[domain]
+        terms = {}
+        seg_translated = None
+        if self.use_sce:
+            seg_translated = tf.recompute_grad(self._segment)(translated)
+            terms["sce"] = losses.symmetric_cross_entropy(seg, seg_translated)
+        elif self.translator.conditioned:
+            seg_translated = self._segment(tf.stop_gradient(translated))
+        guide = None if seg_translated is None else tf.stop_gradient(seg_translated)
+        z_cycle = self.translator.encode(translated, other, training=True)
+        x_cycle = self.translator.decode(z_cycle, guide, domain, training=True)
+        terms["reconstruction"] = losses.l1_loss(recon, x)
+        terms["gan"] = losses.lsgan_generator_loss(
+            self.discriminators[other](translated, training=True))
+        terms["image_cycle"] = losses.l1_loss(x_cycle, x)
+        terms["latent_cycle"] = losses.l1_loss(z_cycle, z)
+        return terms
 
     def learning_rates(self) -> dict[str, float]:
         return {"translator": float(self.generator_optimizer.learning_rate),
@@ -145,6 +169,13 @@ class TranslationStep:
     def progress_text(self, results: dict[str, tf.Tensor]) -> str:
         return (f"G {float(results['translator']):.4f}  "
                 f"D {float(results['discriminators']):.4f}")
+
+
+def _add_gradients(a: tf.Tensor | None, b: tf.Tensor | None) -> tf.Tensor | None:
+    """Sum of two gradients of one variable, either of which may be None (not reached)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
 
 
 def preview_grids(segmenter: keras.Model, translator: keras.Model, source_pixels: tf.Tensor,
