@@ -81,6 +81,7 @@ def test_check_config_names_the_bad_parameter(changes, parameter):
         benchmark.check_config(config)
 
 
+@pytest.mark.slow
 def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     pytest.importorskip("torch")
     config = benchmark.BenchmarkConfig(
@@ -109,3 +110,20 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     assert result["machine"]["onednn_max_cpu_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA",
                                                                      "default")
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_train_only_translator_run_reports_the_step_against_the_matmul_rate(tmp_path):
+    config = benchmark.BenchmarkConfig(
+        model="translator", height=32, width=32, steps=2, warmup=1,
+        segmenter_knobs=TINY_DEEPLAB,
+        translator_knobs={"dim": 4, "num_residual_blocks": 1, "spade_hidden": 4,
+                          "num_downsamplings": 1},
+        discriminator_knobs={"dim": 4, "num_layers": 2, "num_scales": 1},
+        matmul_size=256, train_only=True)
+    result = benchmark.run_benchmark(config, str(tmp_path))
+    for key in benchmark.TRAIN_ONLY_KEYS:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["train_fraction_of_matmul_peak"] == pytest.approx(
+        result["train_step_gflops"] / result["train_step_s"]
+        / result["matmul_peak_gflops_per_s"])
+    assert not {"forward_s", "inference_saved_model_s", "input_pipeline_images_per_s"} & set(result)

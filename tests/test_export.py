@@ -212,6 +212,7 @@ def test_versions_grow_and_a_failed_write_leaves_no_version(models, exported, mo
     assert sorted(versions) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_exports_load_in_a_fresh_process_without_sait_tf(exported, images, tmp_path):
     expected_labels = tf.saved_model.load(exported[1]["sait_segmenter"]).signatures[
         "serving_default"](images=tf.constant(images))["labels"].numpy()
@@ -262,6 +263,7 @@ def write_run_dir(run_dir, models, translator_stage="round_01_translator") -> No
     StageCheckpoint(os.path.join(checkpoints, "round_01_translator"), translator=translator).save(7)
 
 
+@pytest.mark.slow
 def test_cli_exports_the_final_models_of_a_run(models, exported, images, tmp_path):
     run_dir = str(tmp_path / "run")
     write_run_dir(run_dir, models)

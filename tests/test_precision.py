@@ -188,6 +188,7 @@ def test_segmenter_step_compiles_with_xla(tmp_path):
                         strategy=distribute.make_strategy("mirrored", ["/cpu:0", "/cpu:1"]))
 
 
+@pytest.mark.slow
 def test_translation_step_compiles_with_xla():
     """The F step as ``train_translator.jit_compile`` compiles it equals the uncompiled one."""
     results = {}

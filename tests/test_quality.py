@@ -129,6 +129,7 @@ def image_dirs(tmp_path_factory):
     return str(root / "a"), str(root / "b"), noise
 
 
+@pytest.mark.slow
 def test_features_are_pool3_and_softmax_of_the_loaded_weights_with_inception_preprocessing(
         inception_weights, inception, image_dirs):
     """Reference: a separately built InceptionV3 (another random init) loading the same file,
@@ -151,6 +152,7 @@ def test_features_are_pool3_and_softmax_of_the_loaded_weights_with_inception_pre
     assert pool3.shape == (2, 2048)
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_and_with_another_set_positive(
         inception_weights, inception, image_dirs):
     import tensorflow as tf

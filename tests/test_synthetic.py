@@ -243,6 +243,7 @@ def test_save_preview_grid_size(tmp_path):
     assert image.size == ((4 * 64 + 3 * 2) * 2, (3 * 32 + 2 * 2) * 2)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     out = str(tmp_path / "cli")
     result = subprocess.run(

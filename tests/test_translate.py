@@ -203,6 +203,7 @@ unknown_configurable.value = 1
 """
 
 
+@pytest.mark.slow
 def test_command_line_restores_the_round_and_translates_at_the_run_size(tmp_path):
     """A run directory with round 2's F and round 1's M: the CLI output equals in-process
     translation with the same weights, at the source size the run recorded in run.json."""

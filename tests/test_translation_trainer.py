@@ -92,6 +92,7 @@ def _events(log_dir: str) -> dict[str, dict[int, np.ndarray]]:
     return values
 
 
+@pytest.mark.slow
 def test_trainer_writes_checkpoints_and_marks_the_stage_done(continuous):
     stage = os.path.join(continuous["root"], "stage")
     assert files.is_done(stage)
@@ -99,6 +100,7 @@ def test_trainer_writes_checkpoints_and_marks_the_stage_done(continuous):
     assert os.path.exists(os.path.join(stage, "ckpt-2.index"))
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_loss_term_and_poly_learning_rates(continuous):
     events = _events(os.path.join(continuous["root"], "logs"))
     assert LOSS_TAGS <= set(events)
@@ -115,6 +117,7 @@ def test_tensorboard_has_every_loss_term_and_poly_learning_rates(continuous):
         assert (int(width), int(height), len(pngs)) == (4 * SIZE, SIZE, 2)
 
 
+@pytest.mark.slow
 def test_training_steps_run_spectral_normalisation_and_keep_m_frozen(continuous):
     after = _u_vectors(continuous["translator"], *continuous["discriminators"].values())
     assert after.keys() == continuous["initial_u"].keys()
@@ -129,6 +132,7 @@ class _Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
     stage, logs = str(tmp_path / "stage"), str(tmp_path / "logs")
     save = checkpoints.StageCheckpoint.save
@@ -158,6 +162,7 @@ def test_resuming_continues_the_same_run(continuous, tmp_path, monkeypatch):
                                    rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_finished_stage_only_restores_the_translator_and_discriminators(continuous):
     """The next round goes on from both, as in an uninterrupted run."""
     segmenter = _segmenter()

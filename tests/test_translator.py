@@ -176,6 +176,7 @@ def _build_by_two_calls(translator: keras.Model) -> None:
     translator.translate(x_unit, seg_logits, "target", "source")
 
 
+@pytest.mark.slow
 def test_build_creates_all_four_networks_in_the_old_checkpoint_order():
     translator = build_translator(19, **TINY)
     translator.build()

@@ -19,6 +19,8 @@ Measures, in one process on the same input:
                             measured in the same run;
   torch_train_step_s        with ``--torch``: the same network's step in PyTorch
                             (``tools/torch_reference.py``), same threads, same input.
+With ``--train_only`` only the training step is measured (time, counted FLOPs, peak memory)
+against the matmul rate: for F at the paper's size, where a step takes minutes.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ REQUIRED_KEYS = (
     "train_step_gflops", "train_achieved_gflops_per_s", "matmul_peak_gflops_per_s",
     "fraction_of_matmul_peak", "train_fraction_of_matmul_peak",
 )
+# The keys of a ``train_only`` result: the training step against the matmul rate.
+TRAIN_ONLY_KEYS = (
+    "train_step_s", "images_per_s", "peak_rss_mb", "train_step_gflops",
+    "train_achieved_gflops_per_s", "matmul_peak_gflops_per_s", "train_fraction_of_matmul_peak",
+)
 # The pipeline reads PNGs twice the training size and resizes them to 1.25x before cropping,
 # roughly the work of a GTA5 image (1914x1052 -> 1280x720 -> 1024x512 crop).
 PIPELINE_FILE_SCALE = 2.0
@@ -107,6 +114,7 @@ class BenchmarkConfig:
     matmul_size: int = 2048
     pipeline_batches: int = 20
     serving_batches: tuple[int, ...] = (1, 4, 16)
+    train_only: bool = False
 
     @property
     def arch(self) -> str:
@@ -596,6 +604,19 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
         result["machine"]["torch_version"] = torch.__version__
         result["machine"]["torch_threads"] = torch.get_num_threads()
     result["peak_rss_mb_after_train"] = peak_rss_mb()
+    if config.train_only:
+        matmul, matmul_flops = matmul_call(config.matmul_size)
+        times = time_calls({"matmul": matmul}, config.steps, config.warmup,
+                           rounds=config.steps, stage="benchmark/matmul")
+        result["matmul_peak_gflops_per_s"] = matmul_flops / _median(times["matmul"]) / 1e9
+        result["train_achieved_gflops_per_s"] = (result["train_step_gflops"]
+                                                 / result["train_step_s"])
+        result["train_fraction_of_matmul_peak"] = (result["train_achieved_gflops_per_s"]
+                                                   / result["matmul_peak_gflops_per_s"])
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["device_peak_mb"] = device_peak_mb()
+        result["machine"]["load_average_1_5_15_end"] = list(os.getloadavg())
+        return result
 
     # The forward pass and the matmul alternate call by call, so that both see the same load.
     forward, forward_args = _forward(models, config, pixels)
@@ -670,6 +691,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches of the input pipeline.")
     flags.DEFINE_list("serving_batches", ["1", "4", "16"],
                       "Batch sizes at which the SavedModel's images per second are measured.")
+    flags.DEFINE_bool("train_only", False, "Measure only the training step (time, FLOPs, "
+                      "memory) against the matmul rate: no forward pass, export or pipeline.")
     flags.mark_flags_as_required(["model", "height", "width"])
 
 
@@ -699,7 +722,8 @@ def config_from_flags() -> BenchmarkConfig:
                                    num_layers=FLAGS.discriminator_layers,
                                    num_scales=FLAGS.discriminator_scales),
         matmul_size=FLAGS.matmul_size, pipeline_batches=FLAGS.pipeline_batches,
-        serving_batches=tuple(int(size) for size in FLAGS.serving_batches))
+        serving_batches=tuple(int(size) for size in FLAGS.serving_batches),
+        train_only=FLAGS.train_only)
 
 
 def main(argv: list[str]) -> None:
@@ -713,7 +737,8 @@ def main(argv: list[str]) -> None:
     result["command"] = "python -m sait_tf.tools.benchmark " + shlex.join(sys.argv[1:])
     if FLAGS.json:
         files.write_json_atomically(FLAGS.json, result)
-    summary = {key: result[key] for key in (*REQUIRED_KEYS, "torch_train_step_s",
+    summary = {key: result[key] for key in (*REQUIRED_KEYS, "peak_rss_mb_after_train",
+                                            "torch_train_step_s",
                                             "train_step_over_torch") if key in result}
     print(json.dumps(summary, indent=1))
 
