@@ -30,6 +30,7 @@ from sait_tf.metrics import ConfusionMatrix, confusion_counts
 from sait_tf.models import build_segmenter
 from sait_tf.runtime import checkpoints, files
 from sait_tf.runtime.progress import Progress
+from sait_tf.runtime.workers import Workers
 
 # The network is built on this input before restoring, so every variable exists.
 _BUILD_INPUT_SHAPE = (1, 64, 64, 3)
@@ -91,8 +92,15 @@ _count_pixels = tf.function(confusion_counts, reduce_retracing=True)
 
 def _evaluate_batches(predict: Predictor, dataset: Iterable[dict], num_classes_reported: int,
                       colorized_dir: str | None, prediction_dir: str | None) -> dict:
+    """The confusion matrix of ``predict`` over ``dataset``. In the scope of a multi-worker
+    strategy each worker takes batches ``index::count`` and the matrices are summed over
+    the workers: every worker gets the mIoU of the whole dataset."""
     matrix = ConfusionMatrix()
     labels.class_names(num_classes_reported)  # raises on a wrong count before the work
+    workers = Workers.of()
+    if workers.count > 1:
+        dataset = (dataset.shard(workers.count, workers.index)
+                   if isinstance(dataset, tf.data.Dataset) else workers.shard(dataset))
     total = _num_batches(dataset)
     progress = Progress("evaluate", total or 0)
     step = 0
@@ -106,6 +114,7 @@ def _evaluate_batches(predict: Predictor, dataset: Iterable[dict], num_classes_r
             progress.update(step, extra=f"mIoU {100 * matrix.mean_iou(num_classes_reported):.2f}")
     if total is None:
         progress.update(step, extra=f"{step} batches", force=True)
+    matrix.matrix = workers.sum(matrix.matrix)
     return matrix.to_json(num_classes_reported)
 
 

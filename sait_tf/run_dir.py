@@ -7,12 +7,18 @@ folder holds a DONE marker (``runtime.files``). ``run.json`` records facts of th
 tools need later and that must not be read back from gin (the image sizes it trained at);
 ``bindings.gin`` the gin configuration the run was started with, against which a resumed
 job's configuration is checked. One job at a time holds the directory (``lock``).
+
+A multi-worker job has one set of results, written by its chief; every other worker writes
+into its own ``RUN_DIR/.worker_tmp/worker_<i>`` (``worker_dir``, the same layout), which the
+job deletes when it ends.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import time
 from typing import Any
 
@@ -25,6 +31,7 @@ from sait_tf.models import build_segmenter
 from sait_tf.models.translator import Translator, build_translator
 from sait_tf.runtime import checkpoints, files
 from sait_tf.runtime.lock import DirectoryLock
+from sait_tf.runtime.workers import Workers
 
 SOURCE_ONLY = "source_only"
 ORACLE = "oracle"
@@ -35,6 +42,8 @@ FACTS_FILE = "run.json"
 OVERVIEW_FILE = "overview.png"
 BINDINGS_FILE = "bindings.gin"
 CONFIG_CHANGES_FILE = "config_changes.json"
+WORKER_TMP = ".worker_tmp"
+_SHARING_PROBE = "sharing_probe"
 # What to do about a damaged record, by file name.
 _REPAIR = {
     METRICS_FILE: "delete it and run the training command again: finished stages are kept "
@@ -91,6 +100,44 @@ class RunDir:
 
     def pseudo_label_dir(self, round_index: int) -> str:
         return os.path.join(self.path, "pseudo_labels", round_name(round_index))
+
+    def worker_dir(self, index: int) -> RunDir:
+        """The temporary run directory of worker ``index`` (> 0) of a multi-worker job."""
+        return RunDir(os.path.join(self.path, WORKER_TMP, f"worker_{index}"))
+
+    def for_worker(self, workers: Workers) -> RunDir:
+        """Where this worker writes: the run directory for the chief, else its worker_dir."""
+        return self if workers.is_chief else self.worker_dir(workers.index)
+
+    def shared_by(self, workers: Workers) -> bool:
+        """Whether every worker sees the chief's run directory at its ``path`` (a shared file
+        system), rather than a local directory of its own. The chief writes a random token
+        in its WORKER_TMP, the others look for it; collective, so every worker calls it."""
+        if workers.count == 1:
+            return True
+        probe = os.path.join(self.path, WORKER_TMP, _SHARING_PROBE)
+        token = str(int(workers.chief_value(secrets.randbits(62) if workers.is_chief else 0)))
+        if workers.is_chief:
+            files.write_text_atomically(probe, token)
+        workers.barrier()
+        seen = workers.is_chief
+        if not seen and os.path.isfile(probe):
+            with open(probe) as f:
+                seen = f.read() == token
+        shared = not workers.sum(not seen)
+        workers.barrier()
+        if workers.is_chief:
+            os.remove(probe)
+        return shared
+
+    def remove_worker_dirs(self, workers: Workers) -> None:
+        """Deletes the workers' temporary directories at the end of a job; collective."""
+        if workers.count == 1:
+            return
+        if not workers.is_chief:
+            shutil.rmtree(self.for_worker(workers).path, ignore_errors=True)
+        workers.barrier()
+        shutil.rmtree(os.path.join(self.path, WORKER_TMP), ignore_errors=True)
 
     @property
     def export_dir(self) -> str:

@@ -153,10 +153,12 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
 
 
 def spectral_conv(filters: int, kernel_size: int, strides: int = 1,
-                  name: str | None = None) -> SpectralNormalization:
-    """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly)."""
+                  name: str | None = None, use_bias: bool = True) -> SpectralNormalization:
+    """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly);
+    ``use_bias`` False before a normalisation that subtracts each channel's mean."""
     return SpectralNormalization(
-        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid"), name=name)
+        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid",
+                            use_bias=use_bias), name=name)
 
 
 def add_sublayers(owner: keras.layers.Layer, prefix: str,

@@ -7,7 +7,13 @@ according to its predicted class (Eq. 6). x_{A->B} = G_B(E_A(x_A), M(x_A)). Imag
 [-1, 1]; every convolution is spectrally normalised (Sec. 4). The block layout (7x7 stem,
 4x4/2 down-sampling, residual blocks, nearest x2 + 5x5 conv + Layer Norm up-sampling, 7x7
 conv + tanh, reflect padding) is that of NVlabs/MUNIT ``networks.py`` (``ContentEncoder``,
-``Decoder``), a public peer of the same shared-latent-space design.
+``Decoder``), a public peer of the same shared-latent-space design, except that a
+convolution followed by instance norm has no bias: instance norm subtracts each channel's
+mean, so such a bias never changes the output and its exact gradient is zero. In float32 the
+gradient is rounding noise, which Adam (dividing each update by the gradient's magnitude)
+turned into steps of the learning rate whose sign depends on the summation order: those
+biases drifted apart by ~1e-3 between a one-device run and the same run on two replicas
+(docs/distribution.md).
 """
 
 from __future__ import annotations
@@ -98,13 +104,17 @@ class SPADE(keras.layers.Layer):
 
 
 class ConvBlock(keras.layers.Layer):
-    """Reflect pad, spectrally normalised conv, optional norm, optional ReLU."""
+    """Reflect pad, spectrally normalised conv, optional norm, optional ReLU.
+
+    ``use_bias`` False when ``norm`` is instance norm (module docstring).
+    """
 
     def __init__(self, filters: int, kernel_size: int, strides: int = 1,
-                 norm: keras.layers.Layer | None = None, relu: bool = True, **kwargs) -> None:
+                 norm: keras.layers.Layer | None = None, relu: bool = True,
+                 use_bias: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.pad = (kernel_size - 1) // 2
-        self.conv = spectral_conv(filters, kernel_size, strides, name="conv")
+        self.conv = spectral_conv(filters, kernel_size, strides, name="conv", use_bias=use_bias)
         self.norm = norm
         self.relu = relu
 
@@ -127,8 +137,9 @@ class ResidualBlock(keras.layers.Layer):
 
     def build(self, input_shape) -> None:
         channels = input_shape[-1]
-        self.conv_1 = spectral_conv(channels, 3, name="conv_1")
-        self.conv_2 = spectral_conv(channels, 3, name="conv_2")
+        # Both feed instance norm (plain or inside SPADE): no bias (module docstring).
+        self.conv_1 = spectral_conv(channels, 3, name="conv_1", use_bias=False)
+        self.conv_2 = spectral_conv(channels, 3, name="conv_2", use_bias=False)
         if self.guided:
             self.norm_1 = SPADE(channels, self.spade_hidden, name="spade_1")
             self.norm_2 = SPADE(channels, self.spade_hidden, name="spade_2")
@@ -156,12 +167,12 @@ class Encoder(keras.layers.Layer):
     def __init__(self, dim: int = 64, num_downsamplings: int = 2, num_residual_blocks: int = 4,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        self.stem = ConvBlock(dim, 7, norm=instance_norm(True), name="stem")
+        self.stem = ConvBlock(dim, 7, norm=instance_norm(True), use_bias=False, name="stem")
         down_blocks = []
         for i in range(num_downsamplings):
             dim *= 2
             down_blocks.append(ConvBlock(dim, 4, strides=2, norm=instance_norm(True),
-                                         name=f"down_{i}"))
+                                         use_bias=False, name=f"down_{i}"))
         self.down_blocks = add_sublayers(self, "down", down_blocks)
         self.residual_blocks = add_sublayers(
             self, "residual", [ResidualBlock("in", name=f"residual_{i}")

@@ -130,6 +130,13 @@ class StageCheckpoint:
             logging.info("Resumed %s at step %d", restored, int(self.step.numpy()))
         return int(self.step.numpy())
 
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """Every variable the checkpoint holds: the step, then the entries' in order."""
+        return [self.step] + [variable for name, obj in self.objects.items()
+                              for _, entries in _variable_lists(name, obj)
+                              for variable in entries.ordered.values()]
+
     def save(self, step: int) -> str:
         self.step.assign(step)
         return self.manager.save(checkpoint_number=step)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -87,3 +88,20 @@ def remove_stale_temporaries(folder: str, recursive: bool = True) -> int:
         if not recursive:
             break
     return removed
+
+
+def move_files(source: str, destination: str) -> int:
+    """Moves every file under ``source`` (but its DONE marker and temporaries) to the same
+    relative path under ``destination``, then deletes ``source``; returns how many. The
+    folders must be on one file system, where ``os.replace`` moves a finished file at once."""
+    moved = 0
+    for root, _, names in os.walk(source):
+        for name in names:
+            if name == DONE_MARKER or (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            target = os.path.join(destination, os.path.relpath(os.path.join(root, name), source))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(root, name), target)
+            moved += 1
+    shutil.rmtree(source, ignore_errors=True)
+    return moved

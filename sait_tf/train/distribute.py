@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 
 import gin
@@ -20,19 +21,22 @@ import tensorflow as tf
 from sait_tf.train import step_guard
 
 STRATEGY_KINDS = ("default", "mirrored", "multi_worker")
+CLUSTERS = ("auto", "tf_config", "slurm")
 PRECISION_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @gin.configurable
 def make_strategy(kind: str = "default",
-                  devices: Sequence[str] | None = None) -> tf.distribute.Strategy:
+                  devices: Sequence[str] | None = None,
+                  cluster: str = "auto",
+                  slurm_port_base: int = 8888) -> tf.distribute.Strategy:
     """The ``tf.distribute`` strategy the trainers run under.
 
     ``default``: one device (TensorFlow's default strategy). ``mirrored``: one replica per
     device of this machine, ``devices`` (e.g. ``["/gpu:0", "/gpu:1"]``) or all GPUs (the CPU
-    when there is none). ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the machines
-    of the ``TF_CONFIG`` environment variable, one replica per local GPU; it must be created
-    before TensorFlow runs any operation, which is why the pipeline calls this first.
+    when there is none). ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the workers
+    that ``cluster`` names (``cluster_resolver``), one replica per local GPU; it must be
+    created before TensorFlow runs any operation, which is why the pipeline calls this first.
     """
     if kind not in STRATEGY_KINDS:
         raise ValueError(f"make_strategy.kind: expected one of {STRATEGY_KINDS}, got {kind!r}")
@@ -51,30 +55,84 @@ def make_strategy(kind: str = "default",
     if devices:
         raise ValueError("make_strategy.devices: multi_worker uses every local GPU; restrict "
                          "them with CUDA_VISIBLE_DEVICES instead")
-    check_tf_config(os.environ.get("TF_CONFIG"))
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster_resolver(cluster, slurm_port_base))
+
+
+def cluster_resolver(cluster: str, slurm_port_base: int = 8888
+                     ) -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The resolver that tells ``MultiWorkerMirroredStrategy`` the workers and this one's task.
+
+    ``tf_config``: the ``TF_CONFIG`` environment variable (checked by ``check_tf_config``).
+    ``slurm``: TensorFlow's ``SlurmClusterResolver`` for ``srun python -m sait_tf.train``:
+    one worker per Slurm task, task ``SLURM_PROCID``, ports from ``slurm_port_base`` on each
+    node, each task's share of the node's GPUs in ``CUDA_VISIBLE_DEVICES``. ``auto``:
+    ``tf_config`` when ``TF_CONFIG`` is set, else ``slurm`` inside a Slurm job step.
+    """
+    environ = os.environ
+    if cluster not in CLUSTERS:
+        raise ValueError(f"make_strategy.cluster: expected one of {CLUSTERS}, got {cluster!r}")
+    if cluster == "auto":
+        if environ.get("TF_CONFIG"):
+            cluster = "tf_config"
+        elif environ.get("SLURM_PROCID") is not None and environ.get("SLURM_STEP_NUM_TASKS"):
+            cluster = "slurm"
+        else:
+            raise ValueError(
+                "make_strategy.kind='multi_worker' needs its workers: set the TF_CONFIG "
+                "environment variable, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
+                "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}, or "
+                "start every worker with srun inside a Slurm allocation")
+    if cluster == "tf_config":
+        check_tf_config(environ.get("TF_CONFIG"))
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                 "SLURM_STEP_TASKS_PER_NODE"):
+        if not environ.get(name):
+            raise ValueError(f"make_strategy.cluster='slurm': {name} is not set; start each "
+                             "worker with srun (one task per worker) inside the allocation")
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == "" or (visible is None and shutil.which("nvidia-smi") is None):
+        # TensorFlow's resolver gives each task a port per group of GPUs, which it counts
+        # from CUDA_VISIBLE_DEVICES or nvidia-smi: on nodes without GPUs, count one group
+        # per task and leave CUDA_VISIBLE_DEVICES alone.
+        tasks_per_node = max(int(count.split("(")[0]) for count in
+                             environ["SLURM_STEP_TASKS_PER_NODE"].split(","))
+        return resolver(port_base=slurm_port_base, gpus_per_node=tasks_per_node,
+                        gpus_per_task=1, auto_set_gpu=False)
+    try:
+        return resolver(port_base=slurm_port_base)
+    except RuntimeError as error:
+        raise ValueError(f"make_strategy.cluster='slurm': {error}") from error
 
 
 def check_tf_config(tf_config: str | None) -> dict:
     """Parses the ``TF_CONFIG`` JSON of a multi-worker run; raises naming what is wrong."""
     if not tf_config:
-        raise ValueError("make_strategy.kind='multi_worker' needs the TF_CONFIG environment "
+        raise ValueError("make_strategy.cluster='tf_config' needs the TF_CONFIG environment "
                          "variable, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
                          "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
     try:
         config = json.loads(tf_config)
     except json.JSONDecodeError as e:
         raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from e
-    workers = config.get("cluster", {}).get("worker") if isinstance(config, dict) else None
+    tasks = config.get("cluster", {}) if isinstance(config, dict) else {}
+    workers = tasks.get("worker") if isinstance(tasks, dict) else None
     if not workers or not isinstance(workers, list):
         raise ValueError(f"TF_CONFIG: cluster.worker must list the workers' host:port, got "
                          f"{tf_config}")
+    chiefs = tasks.get("chief", [])
+    if not isinstance(chiefs, list) or len(chiefs) > 1:
+        raise ValueError(f"TF_CONFIG: cluster.chief must list one host:port, got {chiefs}")
     task = config.get("task", {})
-    index = task.get("index")
-    if task.get("type") != "worker" or not isinstance(index, int) or not 0 <= index < len(
-            workers):
+    task_type, index = task.get("type"), task.get("index")
+    sizes = {"worker": len(workers), "chief": len(chiefs)}
+    if task_type not in ("worker", "chief") or not sizes[task_type] or not isinstance(
+            index, int) or not 0 <= index < sizes[task_type]:
         raise ValueError(f"TF_CONFIG: task must be {{\"type\": \"worker\", \"index\": i}} with "
-                         f"0 <= i < {len(workers)}, got {task}")
+                         f"0 <= i < {len(workers)}" + (" or {\"type\": \"chief\", \"index\": 0}"
+                                                      if chiefs else "") + f", got {task}")
     return config
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import signal
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -22,6 +24,7 @@ from absl import logging
 
 from sait_tf.runtime import checkpoints, files, preemption
 from sait_tf.runtime.progress import Progress
+from sait_tf.runtime.workers import Workers
 from sait_tf.train import distribute, step_guard
 
 APPLIED_SUFFIX = "_applied"
@@ -88,26 +91,37 @@ def run_stage(
     checkpoint (step, weights, optimiser state) is restored, and the stage runs from there
     over the repeated ``dataset`` (global batches; each replica gets its slice), writing
     TensorBoard summaries to ``log_dir``; returns True. A run killed after its last step but
-    before the DONE marker runs the triggers once at that step. ``jit_compile`` compiles the
-    whole step, updates included, with XLA (one device only). Setting errors name the
-    binding of ``configurable`` (the trainer's gin name).
+    before the DONE marker runs the triggers once at that step; triggers run in the
+    strategy's scope. ``jit_compile`` compiles the whole step, updates included, with XLA
+    (one device only). Setting errors name the binding of ``configurable`` (the trainer's
+    gin name).
+
+    Under ``MultiWorkerMirroredStrategy`` the chief's ``stage_dir`` decides: its DONE marker
+    and checkpoint, whose values are sent to the other workers. Those save their checkpoints
+    to their own ``stage_dir`` (a temporary folder; a save takes part in collectives) and
+    delete them at once, as TensorFlow's multi-worker tutorial does; a stop requested on any
+    worker stops all of them at the same step.
     """
     stage = os.path.basename(os.path.normpath(stage_dir))
-    if files.is_done(stage_dir):
-        checkpoints.restore_for_inference(stage_dir, **inference_models)
+    strategy = strategy or tf.distribute.get_strategy()
+    workers = Workers.of(strategy)
+    if workers.chief_value(files.is_done(stage_dir)):
+        if workers.is_chief:
+            checkpoints.restore_for_inference(stage_dir, **inference_models)
+        workers.sync_variables(_variables(inference_models))
         logging.info("[%s] already done; restored %s from %s", stage,
-                     ", ".join(inference_models), stage_dir)
+                     ", ".join(inference_models), stage_dir if workers.is_chief else "the chief")
         return False
     _check_intervals(configurable, stage, steps, checkpoint_every=checkpoint_every,
                      summary_every=summary_every,
                      **{f"{trigger.name}_every": trigger.every for trigger in triggers})
-    strategy = strategy or tf.distribute.get_strategy()
     distribute.check_jit_compile(strategy, jit_compile, f"{configurable}.jit_compile")
     with strategy.scope():
         step_object = make_step()
         ckpt = checkpoints.StageCheckpoint(stage_dir, optimizers=step_object.optimizers,
                                            **step_object.trackables)
-    start = ckpt.restore_latest()
+    start = int(workers.chief_value(ckpt.restore_latest() if workers.is_chief else 0))
+    workers.sync_variables(ckpt.variables)
     iterator = iter(strategy.experimental_distribute_dataset(dataset.repeat().prefetch(2)))
 
     @tf.function(autograph=False, reduce_retracing=True, jit_compile=jit_compile)
@@ -139,16 +153,37 @@ def run_stage(
                         tf.summary.scalar(f"skipped_steps/{name}", guard.total)
             for trigger in triggers:
                 if step % trigger.every == 0 or last:
-                    trigger.fn(step, writer)
-            stopping = preemption.requested() is not None
+                    with strategy.scope():
+                        trigger.fn(step, writer)
+            stopping = _stop_requested(workers)
             if step % checkpoint_every == 0 or last or stopping:
                 ckpt.save(step)
+                if not workers.is_chief:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
             progress.update(step, extra=step_object.progress_text(results), force=last)
-            preemption.check(f"after step {step}/{steps} of {stage} (checkpoint saved)")
+            if stopping:
+                raise preemption.Preempted(
+                    preemption.requested() or signal.SIGTERM,
+                    f"after step {step}/{steps} of {stage} (checkpoint saved)"
+                    + ("" if preemption.requested() else " on another worker"))
         if start >= steps:
-            for trigger in triggers:
-                trigger.fn(steps, writer)
+            with strategy.scope():
+                for trigger in triggers:
+                    trigger.fn(steps, writer)
     finally:
         writer.flush()
-    files.mark_done(stage_dir)
+    if workers.is_chief:
+        files.mark_done(stage_dir)
     return True
+
+
+def _variables(models: dict[str, keras.Model | dict[str, keras.Model]]) -> list[tf.Variable]:
+    return [variable for model in models.values()
+            for member in (model.values() if isinstance(model, dict) else [model])
+            for variable in member.variables]
+
+
+def _stop_requested(workers: Workers) -> bool:
+    """Whether a stop was requested on this worker or, with several, on any of them."""
+    requested = preemption.requested() is not None
+    return bool(workers.sum(int(requested))) if workers.count > 1 else requested

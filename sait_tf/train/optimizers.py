@@ -79,15 +79,23 @@ class TorchSGD(keras.optimizers.SGD):
         self.assign_sub(variable, ops.multiply(buffer, learning_rate))
 
 
+@gin.configurable(denylist=["learning_rate", "beta_1", "beta_2", "name"])
 def adam(learning_rate: float | Schedule, beta_1: float, beta_2: float,
-         name: str) -> keras.optimizers.Adam:
+         name: str, epsilon: float = 1e-8) -> keras.optimizers.Adam:
     """Adam with PyTorch's epsilon (1e-8), as every Adam of the peers and of the paper.
 
     Keras adds epsilon to sqrt(v) before the bias correction, as ``torch.optim.Adam`` of
     PyTorch 0.4 does (the version liyunsheng13/BDL requires, README "Requirements");
     later PyTorch adds it after, which moves only gradients near epsilon differently.
+    ``epsilon`` (gin ``adam.epsilon``, every Adam of the job) is there for comparisons of
+    runs: with 1e-8 the first update is about ``learning_rate * sign(gradient)``, so a
+    gradient element within rounding of zero moves by a whole step either way, and a
+    gradient scaled by any factor makes the same update; with epsilon near the gradients'
+    size the update follows the gradient's value (tests/test_multiworker.py).
     """
-    return keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=1e-8,
+    if not epsilon > 0:
+        raise ValueError(f"adam.epsilon must be > 0, got {epsilon!r}")
+    return keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                                  name=name)
 
 

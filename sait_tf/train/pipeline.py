@@ -42,6 +42,7 @@ from sait_tf.run_dir import RunDir
 from sait_tf.runtime import files
 from sait_tf.runtime.checkpoints import StageCheckpoint
 from sait_tf.runtime.progress import format_duration
+from sait_tf.runtime.workers import Workers
 from sait_tf.train import optimizers, settings, step_guard, summaries
 from sait_tf.train.distribute import make_strategy, set_precision
 from sait_tf.train.pseudo_labels import generate_pseudo_labels
@@ -138,27 +139,41 @@ def run_pipeline(
     configurables, the directory's lock (one job per run directory), the configuration
     against the one the run was started with (``accept_config_change`` records a change
     instead of refusing it), the data and the initial weights.
+
+    Under ``MultiWorkerMirroredStrategy`` the chief writes ``run_dir``; every other worker
+    writes only its ``RunDir.worker_dir``, deleted when the job ends, and follows the chief's
+    records. The offline stages are split over the workers when they share ``run_dir``
+    (``Job.offline``; docs/distribution.md).
     """
     schedule = Schedule(source_only_steps, oracle_steps, max_rounds, translator_steps,
                         segmenter_steps, patience, batch_size, translator_batch_size,
                         translator_crop, flip, seed)
     _check_settings(schedule, init_weights)
     settings.check_bindings(_job_configurables())
-    run = RunDir(run_dir)
-    run.check_writable()
-    run.lock()
-    config = gin.config_str()
-    config_differences = run.check_config(config, accept_config_change)
-    files.remove_stale_temporaries(run.path, recursive=False)
     started = time.monotonic()
     strategy = make_strategy()
-    _check_batch_sizes(strategy.num_replicas_in_sync, batch_size=batch_size,
-                       translator_batch_size=translator_batch_size)
+    workers = Workers.of(strategy)
+    chief_run = RunDir(run_dir)
+    run = chief_run.for_worker(workers)
+    config = gin.config_str()
+    try:
+        _check_batch_sizes(strategy.num_replicas_in_sync, batch_size=batch_size,
+                           translator_batch_size=translator_batch_size)
+        run.check_writable()
+        run.lock()
+        config_differences = run.check_config(config, accept_config_change)
+    except Exception:
+        workers.agree(False, "the start-up checks")
+        raise
+    workers.agree(True, "the start-up checks")
+    files.remove_stale_temporaries(run.path, recursive=False)
+    shared = chief_run.shared_by(workers)
     set_precision()
     if synthetic_pair_root:
         synthetic.ensure_synthetic_pair(synthetic_pair_root)
     job = Job(run, strategy, schedule, source_domain(), target_domain(), on_size_mismatch,
-              num_classes_reported, init_weights)
+              num_classes_reported, init_weights,
+              shared_run=chief_run if workers.count > 1 and shared else None)
     job.seed("segmenter")
     with strategy.scope():
         job.segmenter = _load_init(build_segmenter(), init_weights)
@@ -189,6 +204,7 @@ def run_pipeline(
                 logging.info("target mIoU did not improve for %d round(s): stopping", patience)
                 break
     job.finish(best, export)
+    chief_run.remove_worker_dirs(workers)
     logging.info("done in %.0f s: final target-val mIoU%d %.2f (%s); metrics in %s",
                  time.monotonic() - started, best["num_classes"], best["mIoU"],
                  best["segmenter_stage"], run.file(layout.METRICS_FILE))
@@ -209,14 +225,17 @@ def run_round(job: Job, round_index: int, adversarial: bool) -> dict:
                              schedule.translator_batch_size, 3),
               run.checkpoint_dir(translator_stage), run.log_dir(translator_stage),
               schedule.translator_steps, strategy=job.strategy)
-    translated_dir = run.translated_dir(round_index)
-    job.timed(f"{layout.round_name(round_index)}_translate", translate_dataset,
-              make_translate_fn(job.segmenter, job.translator()), job.examples["source"],
-              translated_dir, resize=job.source.resize)
-    pseudo_label_dir = run.pseudo_label_dir(round_index)
-    job.timed(f"{layout.round_name(round_index)}_pseudo_labels", generate_pseudo_labels,
-              job.segmenter, job.examples["target_train"], pseudo_label_dir,
-              resize=job.target.resize)
+    translate_fn = make_translate_fn(job.segmenter, job.translator())
+    translated_dir = job.offline(
+        f"{layout.round_name(round_index)}_translate",
+        lambda directory: directory.translated_dir(round_index), job.examples["source"],
+        lambda examples, out: translate_dataset(translate_fn, examples, out,
+                                                resize=job.source.resize) if examples else 0)
+    pseudo_label_dir = job.offline(
+        f"{layout.round_name(round_index)}_pseudo_labels",
+        lambda directory: directory.pseudo_label_dir(round_index), job.examples["target_train"],
+        lambda examples, out: generate_pseudo_labels(job.segmenter, examples, out,
+                                                     resize=job.target.resize))
     job.examples["translated"] = readers.list_examples("gta5", translated_dir)
     job.examples["pseudo_labelled"] = readers.list_examples(
         job.target.dataset, job.target.root, "train", job.target.train_list,
@@ -242,12 +261,20 @@ def run_round(job: Job, round_index: int, adversarial: bool) -> dict:
 
 class Job:
     """What the stages of one run share: its directory, strategy, data and models, and the
-    metrics.json record (loaded when present, saved after every change)."""
+    metrics.json record (loaded when present, saved after every change).
+
+    ``run`` is where this process writes: the run directory, or a worker's temporary
+    ``RunDir.worker_dir`` when it is not the chief of a multi-worker job; the chief's
+    metrics are every worker's. ``shared_run`` is the chief's run directory when the
+    workers share it, and the offline stages are then split over them (``offline``).
+    """
 
     def __init__(self, run: RunDir, strategy: tf.distribute.Strategy, schedule: Schedule,
                  source: DomainData, target: DomainData, on_size_mismatch: str,
-                 num_classes_reported: int, init_weights: str | None) -> None:
+                 num_classes_reported: int, init_weights: str | None,
+                 shared_run: RunDir | None = None) -> None:
         self.run, self.strategy, self.schedule = run, strategy, schedule
+        self.workers, self.shared_run = Workers.of(strategy), shared_run
         self.init_weights = init_weights
         self.started = time.monotonic()
         self.source, self.target = source, target
@@ -258,8 +285,10 @@ class Job:
         self._translator: keras.Model | None = None
         self.discriminators: dict[str, keras.Model] = {}
         self.metrics: dict[str, Any] = {"rounds": [], "wall_time_s": {}}
-        if os.path.exists(run.file(layout.METRICS_FILE)):
+        if self.workers.is_chief and os.path.exists(run.file(layout.METRICS_FILE)):
             self.metrics.update(run.read_json(layout.METRICS_FILE))
+        if self.workers.count > 1:
+            self.metrics = self.workers.chief_json(self.metrics)
         self._config_writer = tf.summary.create_file_writer(run.log_dir("config"))
         self._config_step = 0
 
@@ -324,6 +353,35 @@ class Job:
                      format_duration(time.monotonic() - self.started),
                      format_duration(estimate), self.schedule.max_rounds)
 
+    def offline(self, stage: str, folder: Callable[[RunDir], str],
+                examples: Sequence[readers.Example],
+                write: Callable[[list[readers.Example], str], Any]) -> str:
+        """Runs an offline stage: ``write(examples, out)`` writes a file per example into
+        ``out``; returns ``folder(run)``, the folder the next stage reads.
+
+        When the workers share the run directory, worker i writes files i::n into its
+        ``worker_dir``; after all have finished, the chief moves them into the run's folder
+        (each file is written once) and marks it done, and the next stage starts when it
+        has. Otherwise every worker writes them all into its ``run``: the chief into the run
+        directory, another worker into its temporary ``worker_dir``.
+        """
+        if self.shared_run is None:
+            out = folder(self.run)
+            self.timed(stage, write, list(examples), out)
+            return out
+        workers, out = self.workers, folder(self.shared_run)
+        if not workers.chief_value(files.is_done(out)):
+            with self.strategy.scope():
+                self.timed(stage, write, workers.shard(examples),
+                           folder(self.shared_run.worker_dir(workers.index)))
+            workers.barrier()
+            if workers.is_chief:
+                for index in range(workers.count):
+                    files.move_files(folder(self.shared_run.worker_dir(index)), out)
+                files.mark_done(out)
+            workers.barrier()
+        return out
+
     def train_data(self, examples: str, resize: Size | None, crop: Size | None,
                    batch_size: int, seed_offset: int) -> tf.data.Dataset:
         """Shuffled, repeated, augmented batches of ``self.examples[examples]``."""
@@ -333,7 +391,9 @@ class Job:
             seed=self.schedule.seed + seed_offset, drop_remainder=True)
 
     def evaluate(self, segmenter: keras.Model) -> dict:
-        return evaluate_segmenter(segmenter, self.val_data, self.num_classes_reported)
+        """Target-val evaluation; in the strategy's scope, the workers share the images."""
+        with self.strategy.scope():
+            return evaluate_segmenter(segmenter, self.val_data, self.num_classes_reported)
 
     def train_segmenter_stage(self, segmenter: keras.Model, stage: str, steps: int,
                               **datasets) -> dict | None:
@@ -378,23 +438,29 @@ class Job:
         self.record(layout.ORACLE, oracle, result)
 
     def translator(self) -> keras.Model:
-        """F and D_S, D_T, built on first use and kept across rounds."""
+        """F and D_S, D_T, built on first use and kept across rounds. Their variables are
+        created here, in the strategy's scope (the trainer would otherwise create them on
+        first call, outside it); the discriminators' do not depend on the input size."""
         if self._translator is None:
             self.seed("translator")
             with self.strategy.scope():
                 self._translator = build_translator(self.segmenter.num_classes)
+                self._translator.build()
                 self.discriminators = {domain: build_patch_discriminator() for domain in DOMAINS}
+                for discriminator in self.discriminators.values():
+                    discriminator(tf.zeros([1, 64, 64, 3]))
         return self._translator
 
     def finish(self, best: dict, export: bool) -> None:
-        """final.json, the export of the best models and the overview picture."""
+        """final.json, the export of the best models and the overview picture (the chief's)."""
         self.metrics["final"] = best
         self.save_metrics()
         self.run.write_json(layout.FINAL_FILE, {"segmenter_stage": best["segmenter_stage"],
                                                 "translator_stage": best["translator_stage"]})
-        if export:
-            self.timed("export", self._export, best)
-        self._write_overview(best)
+        if self.workers.is_chief:
+            if export:
+                self.timed("export", self._export, best)
+            self._write_overview(best)
         self.write_config()
 
     def _export(self, best: dict) -> None:
@@ -491,7 +557,7 @@ def _job_configurables() -> list:
             build_patch_discriminator, build_output_discriminator, make_strategy,
             set_precision, step_guard.NonFiniteCounter, synthetic.ensure_synthetic_pair,
             optimizers.segmentation_optimizer, optimizers.deeplabv2_optimizer,
-            optimizers.fcn8s_optimizer, optimizers.adam_optimizer,
+            optimizers.fcn8s_optimizer, optimizers.adam_optimizer, optimizers.adam,
             optimizers.discriminator_optimizer, readers.make_dataset, scan.scan_examples]
 
 

@@ -28,6 +28,7 @@ from sait_tf import images, labels
 from sait_tf.data import readers
 from sait_tf.runtime import files, preemption
 from sait_tf.runtime.progress import Progress
+from sait_tf.runtime.workers import Workers
 
 HISTOGRAM_BINS = 2**16
 THRESHOLDS_FILE = "thresholds.json"
@@ -92,19 +93,24 @@ def _predictions(segmenter: keras.Model, examples: Sequence[readers.Example],
 
 def _median_thresholds(segmenter: keras.Model, examples: Sequence[readers.Example],
                        out_dir: str, resize: tuple[int, int] | None, batch_size: int,
-                       th_ssl: float) -> np.ndarray:
-    """Thresholds of the class-median variant, computed once and kept in OUT/thresholds.json."""
+                       th_ssl: float, workers: Workers) -> np.ndarray:
+    """Thresholds of the class-median variant, computed once and kept in OUT/thresholds.json
+    (the chief's, with several workers: each counts its ``examples``, the counts are summed)."""
     path = os.path.join(out_dir, THRESHOLDS_FILE)
+    num_classes = segmenter.num_classes
+    cached = None
     if os.path.exists(path):
         with open(path) as f:
-            return np.asarray(json.load(f)["thresholds"], np.float64)
-    num_classes = segmenter.num_classes
+            cached = np.asarray(json.load(f)["thresholds"], np.float64)
+    if workers.chief_value(cached is not None):
+        return workers.chief_value(cached if workers.is_chief else np.zeros(num_classes))
     histogram = np.zeros((num_classes, HISTOGRAM_BINS), np.int64)
     for _, confidence, prediction in _predictions(segmenter, examples, resize, batch_size,
                                                   "pseudo_labels/medians"):
         histogram += confidence_histogram(confidence, prediction, num_classes)
-    thresholds = class_median_thresholds(histogram, th_ssl)
-    files.write_json_atomically(path, {"th_ssl": th_ssl, "thresholds": thresholds.tolist()})
+    thresholds = class_median_thresholds(workers.sum(histogram), th_ssl)
+    if workers.is_chief:
+        files.write_json_atomically(path, {"th_ssl": th_ssl, "thresholds": thresholds.tolist()})
     return thresholds
 
 
@@ -121,13 +127,17 @@ def generate_pseudo_labels(
     """Writes Y_T^SSL for ``examples`` (images resized to ``resize`` (H, W), the training
     resolution) to ``out_dir``; returns how many label files were written by this call.
 
-    ``segmenter`` has ``num_classes`` logit channels (``build_segmenter``'s models do)."""
-    if files.is_done(out_dir):
+    ``segmenter`` has ``num_classes`` logit channels (``build_segmenter``'s models do). In the
+    scope of a multi-worker strategy each worker passes its share of the examples (the
+    pipeline's sharding); the class medians are then those of all workers' examples."""
+    workers = Workers.of()
+    if not workers.sum(not files.is_done(out_dir)):
         return 0
     if os.path.isdir(out_dir):
         files.remove_stale_temporaries(out_dir)
     if class_median:
-        thresholds = _median_thresholds(segmenter, examples, out_dir, resize, batch_size, th_ssl)
+        thresholds = _median_thresholds(segmenter, examples, out_dir, resize, batch_size, th_ssl,
+                                        workers)
     else:
         thresholds = np.full(segmenter.num_classes, th_ssl, np.float64)
     todo = [ex for ex in examples

@@ -264,8 +264,12 @@ def train_translator(
     first = {domain: next(iter(stream.take(1))) for domain, stream in streams.items()}
     for domain, pixels in first.items():
         _check_image_size(pixels, translator.size_multiple, f"{domain}_dataset")
-        discriminators[domain](images.pixels_to_unit(pixels))
-    translator.build()
+    # Models not built yet get their variables here, in the strategy's scope: created outside
+    # it, they would be plain variables instead of one mirrored copy per replica.
+    with (strategy or tf.distribute.get_strategy()).scope():
+        for domain, pixels in first.items():
+            discriminators[domain](images.pixels_to_unit(pixels))
+        translator.build()
 
     def make_step() -> TranslationStep:
         def optimizer(learning_rate: float, model: keras.Model, variables: list, name: str):

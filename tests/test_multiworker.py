@@ -1,0 +1,274 @@
+"""The whole pipeline on several workers: two local `python -m sait_tf.train` processes under
+MultiWorkerMirroredStrategy (loopback ports, TF_CONFIG each, one CPU each), and
+MirroredStrategy over the two logical CPUs of conftest.py in this process.
+
+Each run trains, on a tiny pair, M on the source, one round (F, the translated source set, the
+pseudo-labels, M adapted) and exports. Every stage's checkpoint must equal that of one process
+training the same stage on the same inputs, within the float32 summation-order differences
+of an all-reduce (``_assert_same_stage``); the offline outputs and the mIoU must match those
+of the whole one-process run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from train_configs import (
+    REPO,
+    TINY_PAIR_AND_BATCHES,
+    TINY_TRANSLATOR_AND_DISCRIMINATORS,
+    write_demo_config,
+)
+
+from sait_tf import run_dir as layout
+from sait_tf.data.synthetic import generate_pair
+from sait_tf.train.__main__ import parse_gin
+from sait_tf.train.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+SOURCE_ONLY, TRANSLATOR, SEGMENTER = (layout.SOURCE_ONLY, layout.translator_stage(1),
+                                      layout.segmenter_stage(1))
+NUM_SOURCE, NUM_TARGET_TRAIN = 4, 2  # train_configs.TINY_PAIR_AND_BATCHES
+# A stage on several replicas differs from the same stage in one process by float32
+# summation order only (each replica's gradient, then their all-reduce, against one sum over
+# the batch). Largest differences measured (two workers, two logical CPUs): weights and
+# model state 1.2e-7, optimiser state 2.2e-6 (Adam's first moment of F).
+MODEL_RTOL, MODEL_ATOL = 1e-5, 1e-6
+OPTIMIZER_RTOL, OPTIMIZER_ATOL = 1e-4, 1e-5
+TIMEOUT_S = 3600  # generous: a loaded CI machine is slow, never wrong
+# Global batches of 2: one example per worker (or logical CPU) and step. Adam's epsilon at 1
+# makes each update follow the gradient's value: with the default 1e-8 the first update is
+# learning_rate * sign(gradient), so a gradient element within rounding of zero moves its
+# weight by a whole step either way, and Adam's update hides a wrongly scaled gradient.
+SCHEDULE = """
+run_pipeline.translator_batch_size = 2
+run_pipeline.source_only_steps = 2
+run_pipeline.oracle_steps = 0
+run_pipeline.max_rounds = 1
+run_pipeline.translator_steps = 2
+run_pipeline.segmenter_steps = 2
+train_segmenter.eval_every = 1000
+train_translator.log_images_every = 1000
+adam.epsilon = 1.0"""
+MULTI_WORKER = "make_strategy.kind = 'multi_worker'"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> str:
+    """The tiny run's gin file; the pair exists before the workers start (they only read it)."""
+    root = tmp_path_factory.mktemp("multiworker")
+    generate_pair(str(root / "pair"), num_source=NUM_SOURCE, num_target_train=NUM_TARGET_TRAIN,
+                  num_target_val=2, size=(32, 64))
+    return write_demo_config(root / "tiny.gin", root / "pair", *TINY_PAIR_AND_BATCHES, SCHEDULE,
+                             *TINY_TRANSLATOR_AND_DISCRIMINATORS)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _start(config: str, run_dirs: list[str], logs: list[str], *gin_params: str,
+           flags: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    """One `python -m sait_tf.train` per run directory; several form a cluster on loopback."""
+    ports = _free_ports(len(run_dirs))
+    processes = []
+    for index, (run_dir, log) in enumerate(zip(run_dirs, logs, strict=True)):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+                   PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env.pop("TF_CONFIG", None)
+        if len(run_dirs) > 1:
+            env["TF_CONFIG"] = json.dumps({
+                "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                "task": {"type": "worker", "index": index}})
+        with open(log, "a") as out:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "sait_tf.train", f"--gin_file={config}",
+                 f"--run_dir={run_dir}", *(f"--gin_param={param}" for param in gin_params),
+                 *flags],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return processes
+
+
+def _finish(processes: list[subprocess.Popen], logs: list[str]) -> list[str]:
+    """Waits for every process; returns their logs, failing with the log of one that failed."""
+    for process, log in zip(processes, logs, strict=True):
+        try:
+            process.wait(timeout=TIMEOUT_S)
+        finally:
+            for other in processes:
+                if other.poll() is None and process.returncode is None:
+                    other.kill()
+        assert process.returncode == 0, open(log).read()[-4000:]
+    return [open(log).read() for log in logs]
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory) -> str:
+    """The same run in one process on one device."""
+    root = tmp_path_factory.mktemp("reference")
+    run_dir, log = str(root / "run"), str(root / "log")
+    _finish(_start(config, [run_dir], [log]), [log])
+    return run_dir
+
+
+def _weights(run_dir: str, stage: str) -> dict[str, np.ndarray]:
+    """Every tensor of the stage's final checkpoint (models, optimiser state, step)."""
+    path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints", stage))
+    assert path and path.endswith("ckpt-2"), path
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _assert_same_stage(run_dir: str, reference: str, stage: str) -> None:
+    got, want = _weights(run_dir, stage), _weights(reference, stage)
+    assert got.keys() == want.keys() and len(got) > 10
+    for name, value in want.items():
+        optimizer = "optimizer" in name.split("/")[0]  # e.g. segmenter_optimizer_all/...
+        np.testing.assert_allclose(
+            got[name], value, err_msg=f"{stage}: {name}",
+            rtol=OPTIMIZER_RTOL if optimizer else MODEL_RTOL,
+            atol=OPTIMIZER_ATOL if optimizer else MODEL_ATOL)
+
+
+def _rerun_from(run_dir: str, stage: str, config: str, root) -> str:
+    """The run's stage redone by one process on a copy of ``run_dir``: the copy keeps the
+    stages before ``stage``, so the redone stage reads the run's own inputs.
+
+    A stage's inputs are the earlier stages' results, which differ between the runs by
+    rounding: M by ~1e-8 after the source stage, a few translated pixels by one grey level
+    (a value on a rounding boundary). The networks amplify such differences beyond the
+    summation order (a ReLU input within rounding of zero passes its gradient or not), so
+    each stage is compared with this same-input rerun; the whole one-process run is the
+    reference of the source stage, the offline files and the mIoU.
+    """
+    copy = str(root / f"rerun_{stage}")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".worker_tmp"))
+    redone = layout.RunDir(copy)
+    later = {TRANSLATOR: [redone.checkpoint_dir(TRANSLATOR), redone.translated_dir(1),
+                          redone.pseudo_label_dir(1), redone.checkpoint_dir(SEGMENTER)],
+             SEGMENTER: [redone.checkpoint_dir(SEGMENTER)]}
+    for path in later[stage]:
+        shutil.rmtree(path)
+    log = str(root / f"rerun_{stage}.log")
+    _finish(_start(config, [copy], [log], flags=("--accept_config_change",)), [log])
+    return copy
+
+
+def _assert_same_results(run_dir: str, reference: str, config: str, root) -> None:
+    _assert_same_stage(run_dir, reference, SOURCE_ONLY)
+    for stage in (TRANSLATOR, SEGMENTER):
+        _assert_same_stage(run_dir, _rerun_from(run_dir, stage, config, root), stage)
+    for folder in ("translated/round_01/images", "pseudo_labels/round_01"):
+        got = sorted(glob.glob(os.path.join(run_dir, folder, "**", "*.png"), recursive=True))
+        want = sorted(glob.glob(os.path.join(reference, folder, "**", "*.png"), recursive=True))
+        assert [os.path.relpath(p, run_dir) for p in got] == [
+            os.path.relpath(p, reference) for p in want]
+        for a, b in zip(got, want, strict=True):
+            difference = np.abs(np.asarray(Image.open(a), np.int16)
+                                - np.asarray(Image.open(b), np.int16))
+            # Translations may round the other way; a pseudo-label near a threshold may flip.
+            assert (difference <= 1).mean() > 0.99 if "translated" in folder else \
+                (difference == 0).mean() > 0.99, a
+    metrics = [json.load(open(os.path.join(d, "metrics.json"))) for d in (run_dir, reference)]
+    for key in ("source_only", "final"):
+        assert metrics[0][key]["mIoU"] == pytest.approx(metrics[1][key]["mIoU"], abs=0.05)
+
+
+def _layout(run_dir: str) -> set[str]:
+    """The run's files, event files named by their folder (their names hold host and pid)."""
+    found = set()
+    for root, _, names in os.walk(run_dir):
+        for name in names:
+            path = os.path.relpath(os.path.join(root, name), run_dir)
+            found.add(re.sub(r"events\.out\.tfevents\..*", "events", path))
+    return found
+
+
+def _shard_writes(log: str) -> list[tuple[str, str]]:
+    """(count, folder) of the translated files and pseudo-labels a worker wrote."""
+    return (re.findall(r"translate: wrote (\d+) examples to (\S+)", log)
+            + re.findall(r"pseudo-labels: (\d+) files in (\S+),", log))
+
+
+def test_two_workers_sharing_a_run_directory_write_one_result_and_resume(
+        config, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    logs = [str(tmp_path / "worker_0.log"), str(tmp_path / "worker_1.log")]
+    workers = _start(config, [run_dir, run_dir], logs, MULTI_WORKER)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not os.path.exists(os.path.join(run_dir, "checkpoints", "source_only", "DONE")):
+        assert all(w.poll() is None for w in workers), open(logs[0]).read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    workers[1].send_signal(signal.SIGKILL)
+    workers[1].wait()
+    try:  # worker 0 waits for it in the next collective, or fails: the cluster is broken
+        workers[0].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        workers[0].kill()
+        workers[0].wait()
+    assert not os.path.exists(os.path.join(run_dir, "final.json"))
+
+    outputs = _finish(_start(config, [run_dir, run_dir], logs, MULTI_WORKER), logs)
+    assert "[source_only] already done" in outputs[0].split("run directory:")[-1]
+    _assert_same_results(run_dir, reference, config, tmp_path)
+    # One set of results, laid out as one process's; the workers' folders are gone.
+    assert _layout(run_dir) == _layout(reference)
+    assert not os.path.exists(os.path.join(run_dir, ".worker_tmp"))
+    # Each worker wrote its half of the offline files into its own temporary folder; the
+    # chief moved them into place.
+    for index, output in enumerate(outputs):
+        staging = os.path.join(run_dir, ".worker_tmp", f"worker_{index}")
+        assert _shard_writes(output.split("run directory:")[-1]) == [
+            (str(NUM_SOURCE // 2), os.path.join(staging, "translated", "round_01")),
+            (str(NUM_TARGET_TRAIN // 2), os.path.join(staging, "pseudo_labels", "round_01"))]
+
+
+def test_two_workers_with_local_run_directories(config, reference, tmp_path):
+    """Each worker has its own directory (as on two machines): the chief's is the result,
+    the other worker's is left empty; there, every worker writes all offline files."""
+    run_dirs = [str(tmp_path / "chief"), str(tmp_path / "other")]
+    logs = [str(tmp_path / "worker_0.log"), str(tmp_path / "worker_1.log")]
+    outputs = _finish(_start(config, run_dirs, logs, MULTI_WORKER), logs)
+    _assert_same_results(run_dirs[0], reference, config, tmp_path)
+    assert _layout(run_dirs[0]) == _layout(reference)
+    assert os.listdir(run_dirs[1]) == []
+    staging = os.path.join(run_dirs[1], ".worker_tmp", "worker_1")
+    assert _shard_writes(outputs[1]) == [
+        (str(NUM_SOURCE), os.path.join(staging, "translated", "round_01")),
+        (str(NUM_TARGET_TRAIN), os.path.join(staging, "pseudo_labels", "round_01"))]
+
+
+def test_mirrored_over_two_logical_cpus_equals_one_device(config, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    gin.clear_config()
+    try:
+        parse_gin([config], ["make_strategy.kind = 'mirrored'",
+                             "make_strategy.devices = ['/cpu:0', '/cpu:1']"])
+        run_pipeline(run_dir)
+    finally:
+        gin.clear_config()
+    _assert_same_results(run_dir, reference, config, tmp_path)
+    assert _layout(run_dir) == _layout(reference)
