@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from train_configs import (
 
 from sait_tf import run_dir as layout
 from sait_tf.data.synthetic import generate_pair
+from sait_tf.runtime.workers import free_loopback_ports
 from sait_tf.train.__main__ import parse_gin
 from sait_tf.train.pipeline import run_pipeline
 
@@ -78,20 +78,10 @@ def config(tmp_path_factory) -> str:
                              *TINY_TRANSLATOR_AND_DISCRIMINATORS)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def _start(config: str, run_dirs: list[str], logs: list[str], *gin_params: str,
            flags: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """One `python -m sait_tf.train` per run directory; several form a cluster on loopback."""
-    ports = _free_ports(len(run_dirs))
+    ports = free_loopback_ports(len(run_dirs))
     processes = []
     for index, (run_dir, log) in enumerate(zip(run_dirs, logs, strict=True)):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="",

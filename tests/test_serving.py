@@ -6,7 +6,6 @@ import os
 import pathlib
 import queue
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 from test_export import subprocess_env, trained_tiny_segmenter
 
 from sait_tf import export, labels
+from sait_tf.runtime.workers import free_loopback_ports
 from sait_tf.serving import client, server
 
 MAX_IMAGE_PIXELS = 64 * 64
@@ -442,12 +442,6 @@ def test_eight_concurrent_clients_times_25_requests(address, saved_model):
         assert sorted(pool.map(one_client, range(8))) == list(range(8))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_client(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sait_tf.serving.client", *args],
@@ -457,7 +451,7 @@ def run_client(*args: str) -> subprocess.CompletedProcess:
 
 def test_client_reports_an_unreachable_server_in_one_line(tmp_path):
     Image.fromarray(image_batch(4)[0]).save(tmp_path / "in.png")
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_loopback_ports(1)[0]}"
     result = run_client("--server", target, "--image", str(tmp_path / "in.png"),
                         "--out", str(tmp_path / "pred.png"), "--timeout_s", "5")
     assert result.returncode == 2

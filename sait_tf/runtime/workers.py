@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -20,6 +21,21 @@ import numpy as np
 import tensorflow as tf
 
 T = TypeVar("T")
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on localhost now, for a cluster of local workers.
+
+    All sockets are held open until every port is chosen, so the ports differ.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import build_output_discriminator
 from sait_tf.models.translator import build_translator
 from sait_tf.runtime.files import write_text_atomically
+from sait_tf.runtime.workers import free_loopback_ports
 from sait_tf.tools.benchmark import machine_info
 from sait_tf.train import optimizers
 from sait_tf.train.distribute import make_strategy
@@ -147,19 +147,9 @@ def offline_worker(data: str, stage: str, index: int, count: int) -> dict:
         return {"images": len(shard), "seconds": time.perf_counter() - started}
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def _run_workers(count: int, role_flags: list[str], cluster: bool) -> list[dict]:
     """Starts ``count`` pinned processes of ``role_flags``; returns their JSON results."""
-    ports = _free_ports(count)
+    ports = free_loopback_ports(count)
     processes = []
     for index in range(count):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
