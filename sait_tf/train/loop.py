@@ -30,6 +30,17 @@ from sait_tf.train import distribute, step_guard
 APPLIED_SUFFIX = "_applied"
 
 
+def add_gradients(a: tf.Tensor | None, b: tf.Tensor | None) -> tf.Tensor | None:
+    """Sum of two gradients of one variable, either of which may be None (not reached).
+
+    The trainers take a loss's gradient in parts (one direction or stream at a time) to keep
+    fewer activations alive; this adds the parts.
+    """
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
+
 class StageStep(Protocol):
     """What a trainer hands the loop; built inside the strategy's scope."""
 

@@ -70,37 +70,55 @@ class SegmentationStep:
             self.guarded.append("output_discriminator")
 
     def replica_step(self, batch: dict) -> dict[str, tf.Tensor]:
+        """M's update on Eq. 7's terms, then D_seg's update.
+
+        The gradient is taken one stream at a time, as BDL calls ``backward`` once per
+        domain: L_seg on the source, then L_SSL and L_adv on the target (L_adv on the
+        "unlabeled" stream when there is one), each stream's pass starting after the previous
+        stream's gradient, so only one pass of M is kept for the backward pass at a time.
+        The update is that of one tape over all terms.
+        """
         share = {name: distribute.replica_share(tf.shape(stream["image"])[0])
                  for name, stream in batch.items()}
+        target_stream = "unlabeled" if "unlabeled" in batch else "target"
+        adversarial = self.discriminator is not None
         terms, probs = {}, {}
-        with tf.GradientTape() as tape:
-            total = scaled = tf.constant(0.0)
-            for term, stream in (("seg", "source"), ("ssl", "target")):
-                if stream in batch:
-                    image, label = batch[stream]["image"], batch[stream]["label"]
-                    logits = self.segmenter(image, training=True)
+        total = scaled = tf.constant(0.0)
+        grads = None
+        for stream in ("source", "target", "unlabeled"):
+            if stream not in batch or (stream == "unlabeled" and not adversarial):
+                continue
+            with tf.GradientTape() as tape:
+                after = [] if grads is None else [g for g in grads if g is not None]
+                with tf.control_dependencies(after):
+                    image = tf.identity(batch[stream]["image"])
+                logits = self.segmenter(image, training=True)
+                stream_scaled = tf.constant(0.0)
+                if stream != "unlabeled":
+                    term = "seg" if stream == "source" else "ssl"
+                    label = batch[stream]["label"]
                     terms[term] = losses.segmentation_cross_entropy(logits, label)
                     labelled = tf.math.count_nonzero(label != labels.IGNORE_INDEX)
                     total += self.lambdas[term] * terms[term]
-                    scaled += (self.lambdas[term] * terms[term]
-                               * distribute.replica_share(labelled))
+                    stream_scaled += (self.lambdas[term] * terms[term]
+                                      * distribute.replica_share(labelled))
+                if stream != "unlabeled" or adversarial:
                     probs[stream] = _input_size_softmax(logits, image)
-            target_stream = "unlabeled" if "unlabeled" in batch else "target"
-            if self.discriminator is not None:
-                if "unlabeled" in batch:
-                    image = batch["unlabeled"]["image"]
-                    probs["target"] = _input_size_softmax(
-                        self.segmenter(image, training=True), image)
-                terms["adv"] = losses.binary_cross_entropy_with_logits(
-                    self.discriminator(probs["target"], training=True), SOURCE_DOMAIN)
-                total += self.lambdas["adv"] * terms["adv"]
-                scaled += self.lambdas["adv"] * terms["adv"] * share[target_stream]
-            terms["total"] = total
-            grads_of = distribute.scale_loss(self.optimizer, scaled)
-        grads = tape.gradient(grads_of, self.variables)
+                if adversarial and stream == target_stream:
+                    terms["adv"] = losses.binary_cross_entropy_with_logits(
+                        self.discriminator(probs[stream], training=True), SOURCE_DOMAIN)
+                    total += self.lambdas["adv"] * terms["adv"]
+                    stream_scaled += self.lambdas["adv"] * terms["adv"] * share[target_stream]
+                grads_of = distribute.scale_loss(self.optimizer, stream_scaled)
+            stream_grads = tape.gradient(grads_of, self.variables)
+            grads = stream_grads if grads is None else [
+                loop.add_gradients(a, b) for a, b in zip(grads, stream_grads, strict=True)]
+            scaled += stream_scaled
+        terms["total"] = total
         terms["segmenter_applied"] = distribute.apply_gradients(self.optimizer, grads,
                                                                 self.variables, scaled)
-        if self.discriminator is not None:
+        if adversarial:
+            probs["target"] = probs[target_stream]
             terms.update(self._discriminator_update(probs, share, target_stream))
         return terms
 

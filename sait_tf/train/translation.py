@@ -129,7 +129,7 @@ class TranslationStep:
                 grads_of = distribute.scale_loss(self.generator_optimizer, weighted * share)
             direction_grads = tapes[d].gradient(grads_of, variables)
             grads = direction_grads if grads is None else [
-                _add_gradients(a, b) for a, b in zip(grads, direction_grads, strict=True)]
+                loop.add_gradients(a, b) for a, b in zip(grads, direction_grads, strict=True)]
             total.append(weighted)
             for name, value in direction.items():
                 terms[name].append(value)
@@ -169,13 +169,6 @@ class TranslationStep:
     def progress_text(self, results: dict[str, tf.Tensor]) -> str:
         return (f"G {float(results['translator']):.4f}  "
                 f"D {float(results['discriminators']):.4f}")
-
-
-def _add_gradients(a: tf.Tensor | None, b: tf.Tensor | None) -> tf.Tensor | None:
-    """Sum of two gradients of one variable, either of which may be None (not reached)."""
-    if a is None or b is None:
-        return b if a is None else a
-    return a + b
 
 
 def preview_grids(segmenter: keras.Model, translator: keras.Model, source_pixels: tf.Tensor,
