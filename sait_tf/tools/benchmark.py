@@ -609,14 +609,8 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
         times = time_calls({"matmul": matmul}, config.steps, config.warmup,
                            rounds=config.steps, stage="benchmark/matmul")
         result["matmul_peak_gflops_per_s"] = matmul_flops / _median(times["matmul"]) / 1e9
-        result["train_achieved_gflops_per_s"] = (result["train_step_gflops"]
-                                                 / result["train_step_s"])
-        result["train_fraction_of_matmul_peak"] = (result["train_achieved_gflops_per_s"]
-                                                   / result["matmul_peak_gflops_per_s"])
-        result["peak_rss_mb"] = peak_rss_mb()
-        result["device_peak_mb"] = device_peak_mb()
-        result["machine"]["load_average_1_5_15_end"] = list(os.getloadavg())
-        return result
+        _add_train_rates(result)
+        return _finish(result)
 
     # The forward pass and the matmul alternate call by call, so that both see the same load.
     forward, forward_args = _forward(models, config, pixels)
@@ -628,11 +622,9 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     result["forward_s"] = _median(times["forward"])
     result["matmul_peak_gflops_per_s"] = matmul_flops / _median(times["matmul"]) / 1e9
     result["achieved_gflops_per_s"] = result["forward_gflops"] / result["forward_s"]
-    result["train_achieved_gflops_per_s"] = result["train_step_gflops"] / result["train_step_s"]
     result["fraction_of_matmul_peak"] = (result["achieved_gflops_per_s"]
                                          / result["matmul_peak_gflops_per_s"])
-    result["train_fraction_of_matmul_peak"] = (result["train_achieved_gflops_per_s"]
-                                               / result["matmul_peak_gflops_per_s"])
+    _add_train_rates(result)
 
     logging.info("benchmark: exporting the SavedModel")
     serving, keras_call = _inference_functions(models, config, os.path.join(work_dir, "export"))
@@ -651,6 +643,18 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     result["input_pipeline_images_per_s"] = measure_input_pipeline(config, work_dir)
     result["input_pipeline_over_train"] = (result["input_pipeline_images_per_s"]
                                            / result["images_per_s"])
+    return _finish(result)
+
+
+def _add_train_rates(result: dict) -> None:
+    """The training step's counted GFLOP/s and its fraction of the measured matmul rate."""
+    result["train_achieved_gflops_per_s"] = result["train_step_gflops"] / result["train_step_s"]
+    result["train_fraction_of_matmul_peak"] = (result["train_achieved_gflops_per_s"]
+                                               / result["matmul_peak_gflops_per_s"])
+
+
+def _finish(result: dict) -> dict:
+    """Adds what is read at the end of every run: peak memory and the load average."""
     result["peak_rss_mb"] = peak_rss_mb()
     result["device_peak_mb"] = device_peak_mb()
     result["machine"]["load_average_1_5_15_end"] = list(os.getloadavg())
