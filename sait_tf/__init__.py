@@ -7,12 +7,18 @@ level (absl's "before absl::InitializeLog()" notice, the oneDNN notice, "Could n
 drivers"); they are filtered by the same level, and so is the ERROR "failed call to cuInit"
 that follows a missing CUDA driver. With ``--verbose`` on the command line, ``SAIT_VERBOSE=1``
 or ``TF_CPP_MIN_LOG_LEVEL=0`` the package leaves TensorFlow's logging alone.
+
+On x86-64 it also turns on TensorFlow's oneDNN kernels unless the user set
+``TF_ENABLE_ONEDNN_OPTS``: TensorFlow enables them by default only on CPUs with AVX-512 VNNI or
+BF16, AVX-VNNI or AMX, and runs Eigen's convolutions elsewhere, which made the demo's
+translator step 1.8x slower on an AVX2-only CPU (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -22,6 +28,7 @@ __version__ = "0.1.0"
 
 _TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
 _DEFAULT_TF_LOG_LEVEL = "2"
+_ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 _VERBOSE_ENV = "SAIT_VERBOSE"  # sait_tf.cli.VERBOSE_ENV, read here before flags exist
 _VERBOSE_ARGS = {f"verbose{value}" for value in ("", "=true", "=t", "=1", "=yes", "=y")}
 # An absl log record (C++ and Python): severity, MMDD, time, thread, file:line]. A line that
@@ -86,6 +93,13 @@ def _filtered_stderr(min_level: int) -> Iterator[None]:
             sys.stderr.flush()
 
 
+def _enable_onednn() -> None:
+    """Sets ``TF_ENABLE_ONEDNN_OPTS=1`` on x86-64 unless the user chose a value (``0`` keeps
+    Eigen's kernels). TensorFlow reads it once, at its first graph; child processes inherit it."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault(_ONEDNN_ENV, "1")
+
+
 def _import_tensorflow_quietly() -> None:
     """Imports TensorFlow and probes its devices under ``TF_CPP_MIN_LOG_LEVEL`` (the user's,
     else 2) with the start-up lines filtered; nothing when TensorFlow is already imported or
@@ -105,4 +119,5 @@ def _import_tensorflow_quietly() -> None:
         tf.config.list_physical_devices()  # the CUDA probe logs here, not at the first op
 
 
+_enable_onednn()
 _import_tensorflow_quietly()

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# sait_tf before TensorFlow: it turns on oneDNN, which TensorFlow reads once, at import.
+import sait_tf  # noqa: E402, F401
+
+# isort: split
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -185,7 +185,9 @@ def test_translate_fn_of_an_unguided_translator_does_not_run_m():
     def segmenter(pixels, training=False):
         raise AssertionError("M must not run for an IN translator")
 
-    pixels = tf.fill([1, 8, 8, 3], 100.0)
+    # Not a constant image: instance norm of a flat map amplifies round-off, which differs
+    # between the traced and the eager call once oneDNN fuses the traced graph's ops.
+    pixels = tf.random.stateless_uniform([1, 8, 8, 3], seed=(3, 4), maxval=255.0)
     got = translate.make_translate_fn(segmenter, translator)(pixels)
     expected = images.unit_to_pixels(translator.translate(
         images.pixels_to_unit(pixels), None, "source", "target"))

@@ -515,6 +515,16 @@ def tensorflow_threads() -> int:
     return configured or len(os.sched_getaffinity(0))
 
 
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS``, turned on by
+    ``import sait_tf`` on x86-64); None where this TensorFlow cannot say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def machine_info() -> dict:
     """CPU model, cores, load average and library versions, to read a number by."""
     cpu_model = platform.processor() or "unknown"
@@ -534,6 +544,7 @@ def machine_info() -> dict:
         "load_average_1_5_15": list(os.getloadavg()),
         "simd_flags": simd_flags(cpu_flags()),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
+        "tensorflow_onednn": onednn_enabled(),
     }
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import gin
@@ -332,9 +331,9 @@ class Job:
         return result
 
     def _log_stage(self, stage: str) -> None:
-        """``stage k/N: NAME; run for M so far, the rest about T``: the rest is estimated from
-        the wall times of finished stages of the same kind (round 1's translator predicts
-        round 2's), "?" until each kind has run once."""
+        """``stage k/N: NAME; run for M so far, the rest about T``, T from
+        ``remaining_seconds``: "at least T" while some kind of stage left has not run yet
+        (export runs once, at the end), "?" before any kind left has."""
         plan = [layout.SOURCE_ONLY] + (
             [layout.ORACLE] if self.examples["target_train_labelled"] else [])
         for round_index in range(1, self.schedule.max_rounds + 1):
@@ -344,14 +343,13 @@ class Job:
         plan.append("export")
         if stage not in plan:
             return
-        done = self.metrics["wall_time_s"]
-        measured = {_stage_kind(name): seconds for name, seconds in done.items()}
-        rest = [name for name in plan[plan.index(stage):] if name not in done]
-        estimate = sum(measured.get(_stage_kind(name), math.nan) for name in rest)
+        seconds, complete = remaining_seconds(plan, stage, self.metrics["wall_time_s"])
+        rest = (format_duration(seconds) if complete
+                else f"at least {format_duration(seconds)}" if seconds else "?")
         logging.info("stage %d/%d: %s; run for %s so far, the rest about %s (if all %d rounds "
                      "run)", plan.index(stage) + 1, len(plan), stage,
-                     format_duration(time.monotonic() - self.started),
-                     format_duration(estimate), self.schedule.max_rounds)
+                     format_duration(time.monotonic() - self.started), rest,
+                     self.schedule.max_rounds)
 
     def offline(self, stage: str, folder: Callable[[RunDir], str],
                 examples: Sequence[readers.Example],
@@ -487,6 +485,16 @@ class Job:
         images.write_png(path, overview_grid(self.segmenter, self.examples["source"],
                                              translated_dir, self.val_data))
         logging.info("overview picture: %s", path)
+
+
+def remaining_seconds(plan: Sequence[str], stage: str, done: Mapping[str, float]
+                      ) -> tuple[float, bool]:
+    """Seconds the stages of ``plan`` from ``stage`` on should take, each estimated by the
+    wall time of a finished stage of its kind in ``done`` (round 1's translator predicts
+    round 2's), and whether every kind left has such a time."""
+    measured = {_stage_kind(name): seconds for name, seconds in done.items()}
+    kinds = [_stage_kind(name) for name in plan[plan.index(stage):] if name not in done]
+    return sum(measured.get(kind, 0.0) for kind in kinds), all(kind in measured for kind in kinds)
 
 
 def _stage_kind(stage: str) -> str:
