@@ -11,7 +11,9 @@ or ``TF_CPP_MIN_LOG_LEVEL=0`` the package leaves TensorFlow's logging alone.
 On x86-64 it also turns on TensorFlow's oneDNN kernels unless the user set
 ``TF_ENABLE_ONEDNN_OPTS``: TensorFlow enables them by default only on CPUs with AVX-512 VNNI or
 BF16, AVX-VNNI or AMX, and runs Eigen's convolutions elsewhere, which made the demo's
-translator step 1.8x slower on an AVX2-only CPU (docs/PERFORMANCE.md).
+translator step 1.65x slower on an AVX2-only CPU (docs/PERFORMANCE.md). TensorFlow reads the
+variable once, at import: if it was imported first and left oneDNN off, a RuntimeWarning says
+so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 __version__ = "0.1.0"
@@ -95,9 +98,19 @@ def _filtered_stderr(min_level: int) -> Iterator[None]:
 
 def _enable_onednn() -> None:
     """Sets ``TF_ENABLE_ONEDNN_OPTS=1`` on x86-64 unless the user chose a value (``0`` keeps
-    Eigen's kernels). TensorFlow reads it once, at its first graph; child processes inherit it."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        os.environ.setdefault(_ONEDNN_ENV, "1")
+    Eigen's kernels). TensorFlow reads it once, at import; child processes inherit it. When
+    TensorFlow was imported first and left oneDNN off, warns how to turn it on."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or _ONEDNN_ENV in os.environ:
+        return
+    os.environ[_ONEDNN_ENV] = "1"
+    if "tensorflow" not in sys.modules:
+        return
+    from tensorflow.python.util import _pywrap_util_port
+
+    if not _pywrap_util_port.IsMklEnabled():
+        warnings.warn("tensorflow was imported before sait_tf, with its oneDNN kernels off on "
+                      "this CPU: import sait_tf first or set TF_ENABLE_ONEDNN_OPTS=1 for faster "
+                      "convolutions (docs/PERFORMANCE.md)", RuntimeWarning, stacklevel=3)
 
 
 def _import_tensorflow_quietly() -> None:
