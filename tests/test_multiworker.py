@@ -253,9 +253,14 @@ def test_two_workers_with_local_run_directories(config, reference, tmp_path):
 
 
 # On a 2-core AMD EPYC (Zen 3) without AVX-512 the translator stage over two logical CPUs
-# ends with Adam moments up to 1e-3 (55 tensors) from the one-device rerun, with oneDNN on
-# and off; the two-process tests above agree there. Not understood yet: the test still runs
-# there and reports XPASS once it agrees.
+# ends with F's Adam moments up to 0.7% (relative) from the one-device rerun, with oneDNN on
+# and off; the discriminators agree to 7e-7 and the two-process tests above agree. The stage
+# is not wrong there but ill-conditioned: over three test runs, the mirrored results fell into
+# two bit-identical groups and a third value, and one one-device rerun matched a mirrored run
+# to 2.4e-5 while two others (inputs differing by 5e-7) were 0.7% away. F's gradient (the
+# cycle L1 terms most) can move by 1e-2 under a 1e-6 change of its input, so summation-order
+# tolerances hold only when both runs land on the same side. The test still runs there and
+# reports XPASS when they do.
 @pytest.mark.xfail("avx512f" not in cpu_flags(), strict=False,
                    reason="mirrored translator stage diverges on CPUs without AVX-512")
 def test_mirrored_over_two_logical_cpus_equals_one_device(config, reference, tmp_path):
