@@ -12,7 +12,9 @@ from sait_tf.models.layers import spectral_conv
 from sait_tf.models.translator import (
     SPADE,
     LayerNormCHW,
+    UpsamplingBlock,
     build_translator,
+    reflect_pad,
     translate_pixels,
 )
 
@@ -114,6 +116,38 @@ def test_spectral_norm_normalises_in_training_and_inference_uses_the_normalised_
     conv.kernel.assign(3.0 * normalised)
     expected = tf.nn.conv2d(x, normalised, 1, "VALID").numpy() + conv.layer.bias.numpy()
     np.testing.assert_allclose(conv(x, training=False).numpy(), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 4)])
+def test_upsampling_block_equals_nearest_x2_reflect_pad_and_5x5_conv(size, training):
+    """Outputs and gradients (input, kernel variable) of the phase decomposition equal
+    MUNIT's up-sampling block computed on the up-sampled tensor, border lines included."""
+    block = UpsamplingBlock(6, 5, norm=None, relu=False)
+    x = tf.random.normal([2, *size, 4], seed=2)
+    block(x)  # builds the variables
+    block.conv.layer.bias.assign(tf.random.normal([6], seed=3))
+    upstream = tf.random.normal([2, 2 * size[0], 2 * size[1], 6], seed=4)
+    kernel_variable = block.conv.layer.kernel
+
+    def reference(x: tf.Tensor) -> tf.Tensor:
+        up = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+        kernel = block.conv.kernel_for_call(training)
+        return tf.nn.conv2d(reflect_pad(up, 2), kernel, 1, "VALID") + block.conv.layer.bias
+
+    start = [v.numpy() for v in (kernel_variable, block.conv.vector_u)]
+    results = []
+    for function in (lambda x: block(x, training=training), reference):
+        for variable, value in zip((kernel_variable, block.conv.vector_u), start, strict=True):
+            variable.assign(value)  # a training call normalises the kernel in place
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = function(x)
+            loss = tf.reduce_sum(y * upstream)
+        results.append([y, *tape.gradient(loss, [x, kernel_variable])])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5,
+                                   atol=1e-5 * float(tf.reduce_max(tf.abs(want))))
 
 
 def test_translator_training_calls_run_the_power_iteration():

@@ -138,11 +138,20 @@ class SpectralNormalization(keras.layers.SpectralNormalization):
         sigma = tf.matmul(tf.matmul(vector_v, matrix), vector_u, transpose_b=True)
         return vector_u, kernel / tf.maximum(sigma[0, 0], 1e-12)
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def kernel_for_call(self, training: bool) -> tf.Tensor:
+        """The kernel a call convolves with. In training the normalised kernel is written back
+        with its ``vector_u`` first and read from the variable (the gradient reaches it, as
+        through ``self.layer``); in inference nothing changes (class docstring)."""
         vector_u, kernel = self.normalized_weights()
+        if not training:
+            return kernel
+        self.vector_u.assign(vector_u)
+        self.kernel.assign(kernel)
+        return self.kernel.value
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        kernel = self.kernel_for_call(training)
         if training:
-            self.vector_u.assign(vector_u)
-            self.kernel.assign(kernel)
             return self.layer(inputs)
         compute_dtype = self.layer.compute_dtype
         outputs = self.layer.convolution_op(tf.cast(inputs, compute_dtype),
