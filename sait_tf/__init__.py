@@ -8,30 +8,25 @@ drivers"); they are filtered by the same level, and so is the ERROR "failed call
 that follows a missing CUDA driver. With ``--verbose`` on the command line, ``SAIT_VERBOSE=1``
 or ``TF_CPP_MIN_LOG_LEVEL=0`` the package leaves TensorFlow's logging alone.
 
-On x86-64 it also turns on TensorFlow's oneDNN kernels unless the user set
-``TF_ENABLE_ONEDNN_OPTS``: TensorFlow enables them by default only on CPUs with AVX-512 VNNI or
-BF16, AVX-VNNI or AMX, and runs Eigen's convolutions elsewhere, which made the demo's
-translator step 1.65x slower on an AVX2-only CPU (docs/PERFORMANCE.md). TensorFlow reads the
-variable once, at import: if it was imported first and left oneDNN off, a RuntimeWarning says
-so.
+TensorFlow's own choice of CPU kernels stands: oneDNN on CPUs with AVX-512 VNNI/BF16, AVX-VNNI
+or AMX, Eigen elsewhere. On an AVX2-only CPU oneDNN sends some convolutions of the paper's
+sizes to its reference implementation, a hundred times slower (docs/PERFORMANCE.md), so the
+package does not turn it on there; ``TF_ENABLE_ONEDNN_OPTS=1`` does, for small images.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import re
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 
 __version__ = "0.1.0"
 
 _TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
 _DEFAULT_TF_LOG_LEVEL = "2"
-_ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 _VERBOSE_ENV = "SAIT_VERBOSE"  # sait_tf.cli.VERBOSE_ENV, read here before flags exist
 _VERBOSE_ARGS = {f"verbose{value}" for value in ("", "=true", "=t", "=1", "=yes", "=y")}
 # An absl log record (C++ and Python): severity, MMDD, time, thread, file:line]. A line that
@@ -96,23 +91,6 @@ def _filtered_stderr(min_level: int) -> Iterator[None]:
             sys.stderr.flush()
 
 
-def _enable_onednn() -> None:
-    """Sets ``TF_ENABLE_ONEDNN_OPTS=1`` on x86-64 unless the user chose a value (``0`` keeps
-    Eigen's kernels). TensorFlow reads it once, at import; child processes inherit it. When
-    TensorFlow was imported first and left oneDNN off, warns how to turn it on."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or _ONEDNN_ENV in os.environ:
-        return
-    os.environ[_ONEDNN_ENV] = "1"
-    if "tensorflow" not in sys.modules:
-        return
-    from tensorflow.python.util import _pywrap_util_port
-
-    if not _pywrap_util_port.IsMklEnabled():
-        warnings.warn("tensorflow was imported before sait_tf, with its oneDNN kernels off on "
-                      "this CPU: import sait_tf first or set TF_ENABLE_ONEDNN_OPTS=1 for faster "
-                      "convolutions (docs/PERFORMANCE.md)", RuntimeWarning, stacklevel=3)
-
-
 def _import_tensorflow_quietly() -> None:
     """Imports TensorFlow and probes its devices under ``TF_CPP_MIN_LOG_LEVEL`` (the user's,
     else 2) with the start-up lines filtered; nothing when TensorFlow is already imported or
@@ -132,5 +110,4 @@ def _import_tensorflow_quietly() -> None:
         tf.config.list_physical_devices()  # the CUDA probe logs here, not at the first op
 
 
-_enable_onednn()
 _import_tensorflow_quietly()

@@ -516,8 +516,8 @@ def tensorflow_threads() -> int:
 
 
 def onednn_enabled() -> bool | None:
-    """Whether TensorFlow runs its oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS``, turned on by
-    ``import sait_tf`` on x86-64); None where this TensorFlow cannot say."""
+    """Whether TensorFlow runs its oneDNN kernels (its default for the CPU, or
+    ``TF_ENABLE_ONEDNN_OPTS``); None where this TensorFlow cannot say."""
     try:
         from tensorflow.python.util import _pywrap_util_port
         return bool(_pywrap_util_port.IsMklEnabled())
