@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from sait_tf.models.layers import (
     CaffePreprocess,
+    Conv2D,
     MaxPool2DCeil,
     check_common_knobs,
     scaled_width,
@@ -113,7 +114,7 @@ class ASPPSum(keras.layers.Layer):
         self.num_classes, self.dilations = num_classes, tuple(dilations)
         self.paddings = [keras.layers.ZeroPadding2D(d, name=f"pad_d{d}") for d in self.dilations]
         self.convs = [
-            keras.layers.Conv2D(num_classes, 3, dilation_rate=d, use_bias=True,
+            Conv2D(num_classes, 3, dilation_rate=d, use_bias=True,
                                 kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
                                 name=f"conv_d{d}")
             for d in self.dilations
@@ -142,7 +143,7 @@ class ASPPSum(keras.layers.Layer):
 
 
 def _conv(filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
-          input_scale: float = 1.0) -> keras.layers.Conv2D:
+          input_scale: float = 1.0) -> Conv2D:
     """PyTorch-style conv without bias; callers pad explicitly (``zero_pad``).
 
     He initialisation divided by ``input_scale``, the typical magnitude of the input, so
@@ -150,7 +151,7 @@ def _conv(filters: int, kernel: int, name: str, strides: int = 1, dilation: int 
     """
     initializer = keras.initializers.VarianceScaling(2.0 / input_scale**2, "fan_in",
                                                      "truncated_normal")
-    return keras.layers.Conv2D(filters, kernel, strides=strides, dilation_rate=dilation,
+    return Conv2D(filters, kernel, strides=strides, dilation_rate=dilation,
                                use_bias=False, kernel_initializer=initializer, name=name)
 
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from sait_tf.models.layers import (
     CaffePreprocess,
+    Conv2D,
     MaxPool2DCeil,
     check_common_knobs,
     scaled_width,
@@ -74,13 +75,13 @@ class CropLike(keras.layers.Layer):
 
 
 def _conv(filters: int, kernel: int, name: str, relu: bool = True,
-          initializer: str = "he_normal") -> keras.layers.Conv2D:
+          initializer: str = "he_normal") -> Conv2D:
     """A conv with bias and 'valid' padding; callers pad explicitly (``zero_pad``)."""
-    return keras.layers.Conv2D(filters, kernel, activation="relu" if relu else None,
+    return Conv2D(filters, kernel, activation="relu" if relu else None,
                                kernel_initializer=initializer, name=name)
 
 
-def _score(num_classes: int, name: str) -> keras.layers.Conv2D:
+def _score(num_classes: int, name: str) -> Conv2D:
     """1x1 class scores, zero-initialised as in the peers."""
     return _conv(num_classes, 1, name, relu=False, initializer="zeros")
 
@@ -148,7 +149,7 @@ class FCN8s(keras.Model):
         The lookup by PyTorch name of both segmenters (see ``DeepLabV2.torch_layers``)."""
         return self._torch_layers
 
-    def _stage_convs(self) -> list[list[keras.layers.Conv2D]]:
+    def _stage_convs(self) -> list[list[Conv2D]]:
         """``vgg_convs`` split into the five VGG16 stages."""
         convs = iter(self.vgg_convs)
         return [[next(convs) for _ in range(count)] for _, count in VGG16_STAGES]

@@ -3,7 +3,9 @@
 Segmenters (DeepLabV2, FCN8s): the Caffe input convention of the peers' checkpoints,
 PyTorch's ceil-mode max-pooling and explicit zero padding, the size-knob checks. Translation
 networks (F and its PatchGAN discriminators): spectrally normalised convolutions, which the
-paper applies to every model of the translation part (Sec. 4), and ``add_sublayers``.
+paper applies to every model of the translation part (Sec. 4), and ``add_sublayers``. Every
+network: ``Conv2D`` and ``conv2d_valid``, whose gradients are forward convolutions on a CPU
+that runs TensorFlow's own kernels (docs/PERFORMANCE.md, "Convolution gradients").
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from sait_tf import images
+from sait_tf.runtime.machine import eigen_convolutions
 
 
 @keras.saving.register_keras_serializable(package="sait_tf")
@@ -80,6 +83,86 @@ def check_common_knobs(arch: str, num_classes: int, width_multiplier: float) -> 
         raise ValueError(f"{arch}: width_multiplier must be > 0, got {width_multiplier!r}")
     if num_classes < 1:
         raise ValueError(f"{arch}: num_classes must be >= 1, got {num_classes!r}")
+
+
+# The built-in CPU input gradient is faster for inputs this narrow (docs/PERFORMANCE.md).
+NARROW_INPUT_CHANNELS = 16
+
+
+def _input_gradient(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, dilation: int) -> tf.Tensor:
+    """dL/dx of a 'valid' stride-1 convolution: the full convolution of ``dy`` with the
+    kernel turned by 180 degrees and its in/out channels swapped."""
+    if x.shape[-1] is not None and x.shape[-1] < NARROW_INPUT_CHANNELS and dilation == 1:
+        return tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
+                                              out_backprop=dy, strides=[1, 1, 1, 1],
+                                              padding="VALID")
+    pad_h, pad_w = (kernel.shape[0] - 1) * dilation, (kernel.shape[1] - 1) * dilation
+    turned = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+    padded = tf.pad(dy, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
+    return tf.nn.convolution(padded, turned, padding="VALID", dilations=dilation)
+
+
+def _kernel_gradient(x: tf.Tensor, dy: tf.Tensor, dilation: int) -> tf.Tensor:
+    """dL/dkernel of a 'valid' stride-1 convolution, as one forward convolution: the input's
+    channels as the batch, its batch as the channels, ``dy`` as the kernel; the output's
+    stride is the dilation."""
+    channels_as_batch = tf.transpose(x, [3, 1, 2, 0])
+    dy_as_kernel = tf.transpose(dy, [1, 2, 0, 3])
+    gradient = tf.nn.convolution(channels_as_batch, dy_as_kernel, strides=dilation,
+                                 padding="VALID")
+    return tf.transpose(gradient, [1, 2, 0, 3])
+
+
+def _col_buffer_exceeds_tensors(x: tf.Tensor, kernel: tf.Tensor, dilation: int) -> bool:
+    """Whether the built-in CPU gradients' im2col buffer (output pixels x kernel taps x input
+    channels) would be larger than the input, kernel and output together; True when the
+    input's shape is not known when the step is traced."""
+    if not x.shape.is_fully_defined():
+        return True
+    batch, height, width, channels = x.shape
+    k_h, k_w, _, filters = kernel.shape
+    output_pixels = batch * (height - (k_h - 1) * dilation) * (width - (k_w - 1) * dilation)
+    col_buffer = output_pixels * k_h * k_w * channels
+    return col_buffer > x.shape.num_elements() + kernel.shape.num_elements() + (
+        output_pixels * filters)
+
+
+def conv2d_valid(x: tf.Tensor, kernel: tf.Tensor, dilation: int = 1) -> tf.Tensor:
+    """A 'valid' stride-1 convolution of NHWC ``x`` with an HWIO ``kernel``.
+
+    Where TensorFlow runs its own CPU kernels (``eigen_convolutions``), both gradients are
+    forward convolutions when the built-in ones would need an im2col buffer larger than the
+    tensors: those allocate output pixels x kernel taps x input channels floats per call
+    (3.3 GB for F's 7x7 RGB convolution at 512x512) and ran 1.3-30x slower here. The values
+    are the same up to float32 summation order. Elsewhere (oneDNN, GPUs) TensorFlow's
+    gradients are kept.
+    """
+    spatial = kernel.shape[0] * kernel.shape[1] > 1
+    if not (spatial and eigen_convolutions() and _col_buffer_exceeds_tensors(x, kernel, dilation)):
+        return tf.nn.convolution(x, kernel, padding="VALID", dilations=dilation)
+
+    @tf.custom_gradient
+    def convolve(x: tf.Tensor, kernel: tf.Tensor):
+        def gradients(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return (_input_gradient(x, kernel, dy, dilation),
+                    _kernel_gradient(x, dy, dilation))
+        return tf.nn.convolution(x, kernel, padding="VALID", dilations=dilation), gradients
+
+    return convolve(x, kernel)
+
+
+@keras.saving.register_keras_serializable(package="sait_tf")
+class Conv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose 'valid' stride-1 convolutions are ``conv2d_valid``; the
+    same variables, checkpoints and outputs."""
+
+    def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        dilation = self.dilation_rate[0]
+        if (self.padding == "valid" and tuple(self.strides) == (1, 1) and self.groups == 1
+                and self.data_format == "channels_last"
+                and self.dilation_rate == (dilation, dilation)):
+            return conv2d_valid(inputs, tf.cast(kernel, inputs.dtype), dilation)
+        return super().convolution_op(inputs, kernel)
 
 
 class SpectralNormalization(keras.layers.SpectralNormalization):
@@ -166,8 +249,8 @@ def spectral_conv(filters: int, kernel_size: int, strides: int = 1,
     """A spectrally normalised ``Conv2D`` with 'valid' padding (callers pad explicitly);
     ``use_bias`` False before a normalisation that subtracts each channel's mean."""
     return SpectralNormalization(
-        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="valid",
-                            use_bias=use_bias), name=name)
+        Conv2D(filters, kernel_size, strides=strides, padding="valid", use_bias=use_bias),
+        name=name)
 
 
 def add_sublayers(owner: keras.layers.Layer, prefix: str,

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from sait_tf import images
-from sait_tf.models.layers import add_sublayers, spectral_conv
+from sait_tf.models.layers import add_sublayers, conv2d_valid, spectral_conv
 
 DOMAINS = ("source", "target")
 RESIDUAL_NORMS = ("spade", "in")
@@ -160,8 +160,7 @@ class UpsamplingBlock(ConvBlock):
         x = tf.cast(x, conv.compute_dtype)
         kernel = tf.cast(kernel, conv.compute_dtype)
         edged = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-        y = tf.nn.depth_to_space(tf.nn.conv2d(edged, tf.cast(phases, conv.compute_dtype), 1,
-                                              "VALID"), 2)
+        y = tf.nn.depth_to_space(conv2d_valid(edged, tf.cast(phases, conv.compute_dtype)), 2)
         for axis in (1, 2):
             last = tf.shape(x)[axis] - 1
             first_line = self._upsampled_line(x, kernel, axis, tf.constant([1, 0, 0, 0, 1]))
@@ -190,7 +189,7 @@ class UpsamplingBlock(ConvBlock):
             [shape[:other], [2 * shape[other]], shape[other + 1:]], axis=0))
         paddings = [[0, 0], [0, 0], [0, 0], [0, 0]]
         paddings[other] = [2, 2]
-        return tf.nn.conv2d(tf.pad(strip, paddings, mode="REFLECT"), kernel, 1, "VALID")
+        return conv2d_valid(tf.pad(strip, paddings, mode="REFLECT"), kernel)
 
 
 class ResidualBlock(keras.layers.Layer):

@@ -50,7 +50,7 @@ from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import build_patch_discriminator
 from sait_tf.models.translator import DOMAINS, build_translator, translate_pixels
 from sait_tf.runtime import files
-from sait_tf.runtime.machine import cpu_flags, simd_flags
+from sait_tf.runtime.machine import cpu_flags, onednn_enabled, simd_flags
 from sait_tf.runtime.progress import Progress
 from sait_tf.train import distribute
 from sait_tf.train.optimizers import (
@@ -513,16 +513,6 @@ def tensorflow_threads() -> int:
     """Intra-op threads TensorFlow uses (its default, 0, means one per schedulable core)."""
     configured = tf.config.threading.get_intra_op_parallelism_threads()
     return configured or len(os.sched_getaffinity(0))
-
-
-def onednn_enabled() -> bool | None:
-    """Whether TensorFlow runs its oneDNN kernels (its default for the CPU, or
-    ``TF_ENABLE_ONEDNN_OPTS``); None where this TensorFlow cannot say."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
 
 
 def machine_info() -> dict:
