@@ -46,9 +46,11 @@ def test_gradients_equal_tensorflows_without_backprop_kernels(eigen, shape):
     def ours(x, kernel):
         return layers.conv2d_valid(x, kernel, dilation)
 
-    np.testing.assert_allclose(ours(x, kernel), builtin(x, kernel), rtol=1e-5, atol=1e-4)
-    for got, want in zip(_gradients(ours, x, kernel, weights),
-                         _gradients(builtin, x, kernel, weights), strict=True):
+    np.testing.assert_allclose(tf.function(ours)(x, kernel), builtin(x, kernel), rtol=1e-5,
+                               atol=1e-4)
+    traced = tf.function(_gradients)
+    for got, want in zip(traced(ours, x, kernel, weights),
+                         traced(builtin, x, kernel, weights), strict=True):
         scale = float(tf.reduce_max(tf.abs(want)))
         np.testing.assert_allclose(got / scale, want / scale, atol=2e-6)
     ops = _op_types(lambda x, kernel: _gradients(ours, x, kernel, weights), x, kernel)
@@ -82,7 +84,7 @@ def test_conv2d_layer_uses_it_only_for_valid_stride_one(eigen):
         layer.build(x.shape)
         want = tf.nn.convolution(x, layer.kernel, strides=layer.strides,
                                  padding=layer.padding.upper()) + layer.bias
-        np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(tf.function(layer)(x), want, rtol=1e-5, atol=1e-5)
 
         def loss(x, layer=layer):
             with tf.GradientTape() as tape:
