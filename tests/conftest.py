@@ -20,6 +20,35 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
+# The longest test files (slow tests included), longest first: about 230-450 s each on the
+# 2-core AVX2 machine of docs/PERFORMANCE.md, where the rest take 1-150 s. README's
+# command hands whole files to the pytest-xdist workers in collection order, so these start
+# first and the short files fill in around them. pytest-xdist would otherwise reorder the
+# files by their number of tests, and these few-test files would start last.
+LONGEST_FILES_FIRST = (
+    "test_multiworker_shared_dir.py",
+    "test_translation_trainer.py",
+    "test_multiworker_local_dirs.py",
+    "test_mirrored_pipeline.py",
+    "test_crash_resume.py",
+    "test_reliability.py",
+    "test_resume_equality.py",
+    "test_train_main.py",
+    "test_distribute.py",
+    "test_bad_input.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import keras
@@ -47,3 +76,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tmp_path_factory) -> str:
+    """The distributed whole-pipeline tests' gin file (tests/multiworker_runs.py)."""
+    from multiworker_runs import shared_config
+
+    return shared_config(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tiny_run_config, tmp_path_factory) -> str:
+    """That run by one process on one device, made once per session for all their files."""
+    from multiworker_runs import shared_reference
+
+    return shared_reference(tiny_run_config, tmp_path_factory)

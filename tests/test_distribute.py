@@ -1,7 +1,8 @@
 """tf.distribute: one MirroredStrategy step over the 2 logical CPUs of conftest.py equals the
 single-device step on the same global batch, for F and for M; checkpoints cross strategies;
 float16 loss scales stay equal on the replicas; the cluster of a multi-worker run comes from
-TF_CONFIG or Slurm. The multi-worker pipeline itself: tests/test_multiworker.py."""
+TF_CONFIG or Slurm. The whole pipeline distributed: tests/test_multiworker_*.py and
+tests/test_mirrored_pipeline.py."""
 
 import json
 

@@ -91,7 +91,7 @@ def adam(learning_rate: float | Schedule, beta_1: float, beta_2: float,
     runs: with 1e-8 the first update is about ``learning_rate * sign(gradient)``, so a
     gradient element within rounding of zero moves by a whole step either way, and a
     gradient scaled by any factor makes the same update; with epsilon near the gradients'
-    size the update follows the gradient's value (tests/test_multiworker.py).
+    size the update follows the gradient's value (tests/multiworker_runs.py).
     """
     if not epsilon > 0:
         raise ValueError(f"adam.epsilon must be > 0, got {epsilon!r}")

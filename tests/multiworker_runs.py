@@ -1,27 +1,27 @@
-"""The whole pipeline on several workers: two local `python -m sait_tf.train` processes under
-MultiWorkerMirroredStrategy (loopback ports, TF_CONFIG each, one CPU each), and
-MirroredStrategy over the two logical CPUs of conftest.py in this process.
+"""The distributed whole-pipeline tests' runs (tests/test_multiworker_*.py,
+tests/test_mirrored_pipeline.py): two local `python -m sait_tf.train` processes under
+MultiWorkerMirroredStrategy (loopback ports, TF_CONFIG each, one CPU each), or
+MirroredStrategy over the two logical CPUs of conftest.py in the test's process.
 
 Each run trains, on a tiny pair, M on the source, one round (F, the translated source set, the
 pseudo-labels, M adapted) and exports. Every stage's checkpoint must equal that of one process
 training the same stage on the same inputs, within the float32 summation-order differences
-of an all-reduce (``_assert_same_stage``); the offline outputs and the mIoU must match those
-of the whole one-process run.
+of an all-reduce (``assert_same_stage``); the offline outputs and the mIoU must match those
+of the whole one-process run (``shared_reference``, made once per test session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -36,10 +36,6 @@ from train_configs import (
 from sait_tf import run_dir as layout
 from sait_tf.data.synthetic import generate_pair
 from sait_tf.runtime.workers import free_loopback_ports
-from sait_tf.train.__main__ import parse_gin
-from sait_tf.train.pipeline import run_pipeline
-
-pytestmark = pytest.mark.slow
 
 SOURCE_ONLY, TRANSLATOR, SEGMENTER = (layout.SOURCE_ONLY, layout.translator_stage(1),
                                       layout.segmenter_stage(1))
@@ -72,17 +68,43 @@ adam.epsilon = 1.0"""
 MULTI_WORKER = "make_strategy.kind = 'multi_worker'"
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory) -> str:
+@contextlib.contextmanager
+def _session_folder(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """Yields (folder, made): one folder per test session, shared by the pytest-xdist workers
+    (their temporary roots have one parent), held under an exclusive lock; ``made`` tells
+    whether an earlier holder finished it (its DONE file exists)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder, (folder / "DONE").exists()
+        (folder / "DONE").touch()
+
+
+def shared_config(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny run's gin file; the pair exists before the workers start (they only read it)."""
-    root = tmp_path_factory.mktemp("multiworker")
-    generate_pair(str(root / "pair"), num_source=NUM_SOURCE, num_target_train=NUM_TARGET_TRAIN,
-                  num_target_val=2, size=(32, 64))
-    return write_demo_config(root / "tiny.gin", root / "pair", *TINY_PAIR_AND_BATCHES, SCHEDULE,
-                             *TINY_TRANSLATOR_AND_DISCRIMINATORS)
+    with _session_folder(tmp_path_factory, "multiworker_config") as (root, made):
+        if not made:
+            generate_pair(str(root / "pair"), num_source=NUM_SOURCE,
+                          num_target_train=NUM_TARGET_TRAIN, num_target_val=2, size=(32, 64))
+            write_demo_config(root / "tiny.gin", root / "pair", *TINY_PAIR_AND_BATCHES,
+                              SCHEDULE, *TINY_TRANSLATOR_AND_DISCRIMINATORS)
+    return str(root / "tiny.gin")
 
 
-def _start(config: str, run_dirs: list[str], logs: list[str], *gin_params: str,
+def shared_reference(config: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same run in one process on one device, made once for all the test files."""
+    with _session_folder(tmp_path_factory, "multiworker_reference") as (root, made):
+        run_dir, log = str(root / "run"), str(root / "log")
+        if not made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            finish(start(config, [run_dir], [log]), [log])
+    return run_dir
+
+
+def start(config: str, run_dirs: list[str], logs: list[str], *gin_params: str,
            flags: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """One `python -m sait_tf.train` per run directory; several form a cluster on loopback."""
     ports = free_loopback_ports(len(run_dirs))
@@ -104,7 +126,7 @@ def _start(config: str, run_dirs: list[str], logs: list[str], *gin_params: str,
     return processes
 
 
-def _finish(processes: list[subprocess.Popen], logs: list[str]) -> list[str]:
+def finish(processes: list[subprocess.Popen], logs: list[str]) -> list[str]:
     """Waits for every process; returns their logs, failing with the log of one that failed."""
     for process, log in zip(processes, logs, strict=True):
         try:
@@ -115,15 +137,6 @@ def _finish(processes: list[subprocess.Popen], logs: list[str]) -> list[str]:
                     other.kill()
         assert process.returncode == 0, open(log).read()[-4000:]
     return [open(log).read() for log in logs]
-
-
-@pytest.fixture(scope="module")
-def reference(config, tmp_path_factory) -> str:
-    """The same run in one process on one device."""
-    root = tmp_path_factory.mktemp("reference")
-    run_dir, log = str(root / "run"), str(root / "log")
-    _finish(_start(config, [run_dir], [log]), [log])
-    return run_dir
 
 
 STEPS = {SOURCE_ONLY: 2, TRANSLATOR: 1, SEGMENTER: 2}  # as in SCHEDULE
@@ -138,7 +151,8 @@ def _weights(run_dir: str, stage: str) -> dict[str, np.ndarray]:
             if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
-def _assert_same_stage(run_dir: str, reference: str, stage: str) -> None:
+def assert_same_stage(run_dir: str, reference: str, stage: str) -> None:
+    """Every tensor of the stage's final checkpoints equal, to summation order."""
     got, want = _weights(run_dir, stage), _weights(reference, stage)
     assert got.keys() == want.keys() and len(got) > 10
     for name, value in want.items():
@@ -149,34 +163,36 @@ def _assert_same_stage(run_dir: str, reference: str, stage: str) -> None:
             atol=OPTIMIZER_ATOL if optimizer else MODEL_ATOL)
 
 
-def _rerun_from(run_dir: str, stage: str, config: str, root) -> str:
-    """The run's stage redone by one process on a copy of ``run_dir``: the copy keeps the
-    stages before ``stage``, so the redone stage reads the run's own inputs.
+def _rerun_trained_stages(run_dir: str, config: str, root) -> str:
+    """F's and M's stages of round 1 redone by one process on a copy of ``run_dir``: the copy
+    keeps the source-only M, the translated set and the pseudo-labels (the offline stages
+    skip their finished folders), so each redone stage reads the run's own inputs.
 
     A stage's inputs are the earlier stages' results, which differ between the runs by
     rounding: M by ~1e-8 after the source stage, a few translated pixels by one grey level
     (a value on a rounding boundary). The networks amplify such differences beyond the
     summation order (a ReLU input within rounding of zero passes its gradient or not), so
-    each stage is compared with this same-input rerun; the whole one-process run is the
+    these stages are compared with this same-input rerun; the whole one-process run is the
     reference of the source stage, the offline files and the mIoU.
     """
-    copy = str(root / f"rerun_{stage}")
+    copy = str(root / "rerun")
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".worker_tmp"))
     redone = layout.RunDir(copy)
-    later = {TRANSLATOR: [redone.checkpoint_dir(TRANSLATOR), redone.translated_dir(1),
-                          redone.pseudo_label_dir(1), redone.checkpoint_dir(SEGMENTER)],
-             SEGMENTER: [redone.checkpoint_dir(SEGMENTER)]}
-    for path in later[stage]:
-        shutil.rmtree(path)
-    log = str(root / f"rerun_{stage}.log")
-    _finish(_start(config, [copy], [log], flags=("--accept_config_change",)), [log])
+    for stage in (TRANSLATOR, SEGMENTER):
+        shutil.rmtree(redone.checkpoint_dir(stage))
+    log = str(root / "rerun.log")
+    output = finish(start(config, [copy], [log], flags=("--accept_config_change",)), [log])[0]
+    assert "translate: wrote 0 examples" in output, output[-3000:]
     return copy
 
 
-def _assert_same_results(run_dir: str, reference: str, config: str, root) -> None:
-    _assert_same_stage(run_dir, reference, SOURCE_ONLY)
+def assert_same_results(run_dir: str, reference: str, config: str, root) -> None:
+    """``run_dir``'s stages equal the one-process runs' (``assert_same_stage``), its offline
+    files and mIoU the reference's."""
+    assert_same_stage(run_dir, reference, SOURCE_ONLY)
+    rerun = _rerun_trained_stages(run_dir, config, root)
     for stage in (TRANSLATOR, SEGMENTER):
-        _assert_same_stage(run_dir, _rerun_from(run_dir, stage, config, root), stage)
+        assert_same_stage(run_dir, rerun, stage)
     for folder in ("translated/round_01/images", "pseudo_labels/round_01"):
         got = sorted(glob.glob(os.path.join(run_dir, folder, "**", "*.png"), recursive=True))
         want = sorted(glob.glob(os.path.join(reference, folder, "**", "*.png"), recursive=True))
@@ -193,7 +209,7 @@ def _assert_same_results(run_dir: str, reference: str, config: str, root) -> Non
         assert metrics[0][key]["mIoU"] == pytest.approx(metrics[1][key]["mIoU"], abs=0.05)
 
 
-def _layout(run_dir: str) -> set[str]:
+def files_laid_out(run_dir: str) -> set[str]:
     """The run's files, event files named by their folder (their names hold host and pid)."""
     found = set()
     for root, _, names in os.walk(run_dir):
@@ -203,69 +219,7 @@ def _layout(run_dir: str) -> set[str]:
     return found
 
 
-def _shard_writes(log: str) -> list[tuple[str, str]]:
+def shard_writes(log: str) -> list[tuple[str, str]]:
     """(count, folder) of the translated files and pseudo-labels a worker wrote."""
     return (re.findall(r"translate: wrote (\d+) examples to (\S+)", log)
             + re.findall(r"pseudo-labels: (\d+) files in (\S+),", log))
-
-
-def test_two_workers_sharing_a_run_directory_write_one_result_and_resume(
-        config, reference, tmp_path):
-    run_dir = str(tmp_path / "run")
-    logs = [str(tmp_path / "worker_0.log"), str(tmp_path / "worker_1.log")]
-    workers = _start(config, [run_dir, run_dir], logs, MULTI_WORKER)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not os.path.exists(os.path.join(run_dir, "checkpoints", "source_only", "DONE")):
-        assert all(w.poll() is None for w in workers), open(logs[0]).read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    workers[1].send_signal(signal.SIGKILL)
-    workers[1].wait()
-    try:  # worker 0 waits for it in the next collective, or fails: the cluster is broken
-        workers[0].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        workers[0].kill()
-        workers[0].wait()
-    assert not os.path.exists(os.path.join(run_dir, "final.json"))
-
-    outputs = _finish(_start(config, [run_dir, run_dir], logs, MULTI_WORKER), logs)
-    assert "[source_only] already done" in outputs[0].split("run directory:")[-1]
-    _assert_same_results(run_dir, reference, config, tmp_path)
-    # One set of results, laid out as one process's; the workers' folders are gone.
-    assert _layout(run_dir) == _layout(reference)
-    assert not os.path.exists(os.path.join(run_dir, ".worker_tmp"))
-    # Each worker wrote its half of the offline files into its own temporary folder; the
-    # chief moved them into place.
-    for index, output in enumerate(outputs):
-        staging = os.path.join(run_dir, ".worker_tmp", f"worker_{index}")
-        assert _shard_writes(output.split("run directory:")[-1]) == [
-            (str(NUM_SOURCE // 2), os.path.join(staging, "translated", "round_01")),
-            (str(NUM_TARGET_TRAIN // 2), os.path.join(staging, "pseudo_labels", "round_01"))]
-
-
-def test_two_workers_with_local_run_directories(config, reference, tmp_path):
-    """Each worker has its own directory (as on two machines): the chief's is the result,
-    the other worker's is left empty; there, every worker writes all offline files."""
-    run_dirs = [str(tmp_path / "chief"), str(tmp_path / "other")]
-    logs = [str(tmp_path / "worker_0.log"), str(tmp_path / "worker_1.log")]
-    outputs = _finish(_start(config, run_dirs, logs, MULTI_WORKER), logs)
-    _assert_same_results(run_dirs[0], reference, config, tmp_path)
-    assert _layout(run_dirs[0]) == _layout(reference)
-    assert os.listdir(run_dirs[1]) == []
-    staging = os.path.join(run_dirs[1], ".worker_tmp", "worker_1")
-    assert _shard_writes(outputs[1]) == [
-        (str(NUM_SOURCE), os.path.join(staging, "translated", "round_01")),
-        (str(NUM_TARGET_TRAIN), os.path.join(staging, "pseudo_labels", "round_01"))]
-
-
-def test_mirrored_over_two_logical_cpus_equals_one_device(config, reference, tmp_path):
-    run_dir = str(tmp_path / "run")
-    gin.clear_config()
-    try:
-        parse_gin([config], ["make_strategy.kind = 'mirrored'",
-                             "make_strategy.devices = ['/cpu:0', '/cpu:1']"])
-        run_pipeline(run_dir)
-    finally:
-        gin.clear_config()
-    _assert_same_results(run_dir, reference, config, tmp_path)
-    assert _layout(run_dir) == _layout(reference)
