@@ -92,3 +92,43 @@ def test_conv2d_layer_uses_it_only_for_valid_stride_one(eigen):
             return tape.gradient(value, layer.kernel)
 
         assert ("Conv2DBackpropFilter" not in _op_types(loss, x)) == custom
+
+
+def _filter_shapes(function, *args) -> list[list[int]]:
+    graph = tf.function(function).get_concrete_function(*args).graph
+    return [op.inputs[1].shape.as_list() for op in graph.get_operations()
+            if op.type == "Conv2D"]
+
+
+@pytest.mark.parametrize("eigen_kernels", [True, False])
+@pytest.mark.parametrize("dilation, kept_kernel", [(6, [3, 3]), (12, [1, 3]), (18, [1, 1])])
+def test_atrous_conv_leaves_out_taps_that_read_only_padding(monkeypatch, eigen_kernels,
+                                                            dilation, kept_kernel):
+    """On 8x16 features (the demo's DeepLabV2 classifier) a dilation >= 8 leaves the kernel's
+    outer rows on padding, >= 16 its outer columns too: values and every gradient are those
+    of the full convolution of the zero-padded features."""
+    monkeypatch.setattr(layers, "eigen_convolutions", lambda: eigen_kernels)
+    rng = np.random.default_rng(dilation)
+    x = tf.constant(rng.normal(size=(2, 8, 16, 12)), tf.float32)
+    conv = layers.Conv2D(5, 3, dilation_rate=dilation, bias_initializer="random_normal")
+    conv.build(layers.zero_pad(x, dilation).shape)
+    conv.kernel.assign(rng.normal(size=(3, 3, 12, 5)))
+    weights = tf.constant(rng.normal(size=(2, 8, 16, 5)), tf.float32)
+
+    def full(x):
+        return conv(layers.zero_pad(x, dilation))
+
+    def loss_and_gradients(convolve, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(convolve(x) * weights)
+        return [loss, *tape.gradient(loss, [x, conv.kernel, conv.bias])]
+
+    def ours(x):
+        return layers.atrous_conv(conv, x)
+
+    traced = tf.function(loss_and_gradients)
+    np.testing.assert_allclose(tf.function(ours)(x), full(x), rtol=1e-5, atol=1e-5)
+    for got, want in zip(traced(ours, x), traced(full, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert [shape[:2] for shape in _filter_shapes(ours, x)] == [kept_kernel]

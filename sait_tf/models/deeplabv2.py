@@ -22,6 +22,7 @@ from sait_tf.models.layers import (
     CaffePreprocess,
     Conv2D,
     MaxPool2DCeil,
+    atrous_conv,
     check_common_knobs,
     scaled_width,
     zero_pad,
@@ -112,7 +113,6 @@ class ASPPSum(keras.layers.Layer):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.dilations = num_classes, tuple(dilations)
-        self.paddings = [keras.layers.ZeroPadding2D(d, name=f"pad_d{d}") for d in self.dilations]
         self.convs = [
             Conv2D(num_classes, 3, dilation_rate=d, use_bias=True,
                                 kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
@@ -131,8 +131,7 @@ class ASPPSum(keras.layers.Layer):
             conv.build(input_shape)
 
     def call(self, features: tf.Tensor) -> tf.Tensor:
-        pairs = zip(self.paddings, self.convs, strict=True)
-        return tf.add_n([conv(pad(features)) for pad, conv in pairs])
+        return tf.add_n([atrous_conv(conv, features) for conv in self.convs])
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:3], self.num_classes)
@@ -144,7 +143,7 @@ class ASPPSum(keras.layers.Layer):
 
 def _conv(filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
           input_scale: float = 1.0) -> Conv2D:
-    """PyTorch-style conv without bias; callers pad explicitly (``zero_pad``).
+    """PyTorch-style conv without bias; callers pad explicitly (``zero_pad``, ``atrous_conv``).
 
     He initialisation divided by ``input_scale``, the typical magnitude of the input, so
     activations start near unit scale under frozen identity BN (training from scratch).
@@ -214,7 +213,7 @@ class Bottleneck(keras.layers.Layer):
         if self.project:
             shortcut = self.downsample_bn(self.downsample_conv(x))
         y = tf.nn.relu(self.bn1(self.conv1(x)))
-        y = tf.nn.relu(self.bn2(self.conv2(zero_pad(y, self.dilation))))
+        y = tf.nn.relu(self.bn2(atrous_conv(self.conv2, y)))
         y = self.bn3(self.conv3(y))
         return tf.nn.relu(y + shortcut)
 

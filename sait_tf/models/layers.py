@@ -67,9 +67,10 @@ class MaxPool2DCeil(keras.layers.Layer):
                 "padding": self.padding}
 
 
-def zero_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
-    """Symmetric zero padding of H and W, as in PyTorch's ``Conv2d(padding=...)``."""
-    return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+def zero_pad(x: tf.Tensor, padding: int | tuple[int, int]) -> tf.Tensor:
+    """Symmetric zero padding of H and W (or (H, W)), as in PyTorch's ``Conv2d(padding=...)``."""
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    return tf.pad(x, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
 
 
 def scaled_width(width: int, width_multiplier: float) -> int:
@@ -89,20 +90,25 @@ def check_common_knobs(arch: str, num_classes: int, width_multiplier: float) -> 
 NARROW_INPUT_CHANNELS = 16
 
 
-def _input_gradient(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, dilation: int) -> tf.Tensor:
+Dilation = tuple[int, int]
+
+
+def _input_gradient(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, dilation: Dilation
+                    ) -> tf.Tensor:
     """dL/dx of a 'valid' stride-1 convolution: the full convolution of ``dy`` with the
     kernel turned by 180 degrees and its in/out channels swapped."""
-    if x.shape[-1] is not None and x.shape[-1] < NARROW_INPUT_CHANNELS and dilation == 1:
+    if (x.shape[-1] is not None and x.shape[-1] < NARROW_INPUT_CHANNELS
+            and dilation == (1, 1)):
         return tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
                                               out_backprop=dy, strides=[1, 1, 1, 1],
                                               padding="VALID")
-    pad_h, pad_w = (kernel.shape[0] - 1) * dilation, (kernel.shape[1] - 1) * dilation
+    pad_h, pad_w = (kernel.shape[0] - 1) * dilation[0], (kernel.shape[1] - 1) * dilation[1]
     turned = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
     padded = tf.pad(dy, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
     return tf.nn.convolution(padded, turned, padding="VALID", dilations=dilation)
 
 
-def _kernel_gradient(x: tf.Tensor, dy: tf.Tensor, dilation: int) -> tf.Tensor:
+def _kernel_gradient(x: tf.Tensor, dy: tf.Tensor, dilation: Dilation) -> tf.Tensor:
     """dL/dkernel of a 'valid' stride-1 convolution, as one forward convolution: the input's
     channels as the batch, its batch as the channels, ``dy`` as the kernel; the output's
     stride is the dilation."""
@@ -113,7 +119,7 @@ def _kernel_gradient(x: tf.Tensor, dy: tf.Tensor, dilation: int) -> tf.Tensor:
     return tf.transpose(gradient, [1, 2, 0, 3])
 
 
-def _col_buffer_exceeds_tensors(x: tf.Tensor, kernel: tf.Tensor, dilation: int) -> bool:
+def _col_buffer_exceeds_tensors(x: tf.Tensor, kernel: tf.Tensor, dilation: Dilation) -> bool:
     """Whether the built-in CPU gradients' im2col buffer (output pixels x kernel taps x input
     channels) would be larger than the input, kernel and output together; True when the
     input's shape is not known when the step is traced."""
@@ -121,14 +127,16 @@ def _col_buffer_exceeds_tensors(x: tf.Tensor, kernel: tf.Tensor, dilation: int) 
         return True
     batch, height, width, channels = x.shape
     k_h, k_w, _, filters = kernel.shape
-    output_pixels = batch * (height - (k_h - 1) * dilation) * (width - (k_w - 1) * dilation)
+    output_pixels = (batch * (height - (k_h - 1) * dilation[0])
+                     * (width - (k_w - 1) * dilation[1]))
     col_buffer = output_pixels * k_h * k_w * channels
     return col_buffer > x.shape.num_elements() + kernel.shape.num_elements() + (
         output_pixels * filters)
 
 
-def conv2d_valid(x: tf.Tensor, kernel: tf.Tensor, dilation: int = 1) -> tf.Tensor:
-    """A 'valid' stride-1 convolution of NHWC ``x`` with an HWIO ``kernel``.
+def conv2d_valid(x: tf.Tensor, kernel: tf.Tensor, dilation: int | Dilation = 1) -> tf.Tensor:
+    """A 'valid' stride-1 convolution of NHWC ``x`` with an HWIO ``kernel``, dilated by
+    ``dilation`` (both axes, or (H, W)).
 
     Where TensorFlow runs its own CPU kernels (``eigen_convolutions``), both gradients are
     forward convolutions when the built-in ones would need an im2col buffer larger than the
@@ -140,6 +148,7 @@ def conv2d_valid(x: tf.Tensor, kernel: tf.Tensor, dilation: int = 1) -> tf.Tenso
     found), while inside ``tf.function``, where every trainer runs, the two agree to 1e-7.
     """
     spatial = kernel.shape[0] * kernel.shape[1] > 1
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if (tf.executing_eagerly() or not spatial or not eigen_convolutions()
             or not _col_buffer_exceeds_tensors(x, kernel, dilation)):
         return tf.nn.convolution(x, kernel, padding="VALID", dilations=dilation)
@@ -166,6 +175,31 @@ class Conv2D(keras.layers.Conv2D):
                 and self.dilation_rate == (dilation, dilation)):
             return conv2d_valid(inputs, tf.cast(kernel, inputs.dtype), dilation)
         return super().convolution_op(inputs, kernel)
+
+
+def atrous_conv(conv: Conv2D, x: tf.Tensor) -> tf.Tensor:
+    """``conv`` (stride 1, odd k x k kernel, dilation d) on ``x`` zero-padded by d * (k - 1) / 2
+    on each side, which keeps the size: PyTorch's ``nn.Conv2d(padding=dilation)`` of the
+    peers' atrous 3x3 convolutions.
+
+    Along an axis of n pixels a tap i places from the kernel's centre reads only padding when
+    i * d >= n; those taps are left out (the kernel is sliced, the padding shrinks). The
+    output and every gradient are unchanged (a left-out tap's gradient is zero either way);
+    the work is not: at the demo's 8x16 features DeepLabV2's classifier convolutions with
+    dilations 12-24 become 1x3 and 1x1 convolutions. Nothing is left out at the paper's sizes
+    (65x129 features, dilations up to 24) or when the size is unknown at tracing.
+    """
+    half, dilation = conv.kernel_size[0] // 2, conv.dilation_rate[0]
+    kept = [half if size is None else min(half, (size - 1) // dilation)
+            for size in x.shape[1:3]]
+    if kept == [half, half]:
+        return conv(zero_pad(x, half * dilation))
+    keep_h, keep_w = kept
+    kernel = conv.kernel[half - keep_h:half + keep_h + 1, half - keep_w:half + keep_w + 1]
+    y = conv2d_valid(zero_pad(x, (keep_h * dilation, keep_w * dilation)),
+                     tf.cast(kernel, x.dtype),
+                     (dilation if keep_h else 1, dilation if keep_w else 1))
+    return tf.nn.bias_add(y, tf.cast(conv.bias, y.dtype)) if conv.use_bias else y
 
 
 class SpectralNormalization(keras.layers.SpectralNormalization):
