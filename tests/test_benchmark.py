@@ -112,6 +112,7 @@ def test_tiny_deeplabv2_run_reports_every_number(tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.slow
 def test_train_only_translator_run_reports_the_step_against_the_matmul_rate(tmp_path):
     config = benchmark.BenchmarkConfig(
         model="translator", height=32, width=32, steps=2, warmup=1,

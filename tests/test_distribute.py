@@ -179,6 +179,7 @@ def _translation_step(strategy: tf.distribute.Strategy) -> TranslationStep:
         return tiny_translation_step(segmenter_seed=7, translator_seed=1)
 
 
+@pytest.mark.slow
 def test_translation_step_mirrored_equals_single_device(mirrored):
     rng = np.random.default_rng(0)
     batch = {d: rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32) for d in DOMAINS}
@@ -202,6 +203,7 @@ def test_translation_step_mirrored_equals_single_device(mirrored):
     _assert_replicas_agree(variables(steps["mirrored"]))
 
 
+@pytest.mark.slow
 def test_train_translator_creates_variables_in_the_strategy_scope(mirrored, tmp_path):
     """F, D_S and D_T given unbuilt get mirrored variables: one copy per replica."""
     keras.utils.set_random_seed(7)
@@ -298,6 +300,7 @@ def test_checkpoints_restore_across_strategies(segmentation_runs, mirrored):
                                   for copy in _replica_copies(v))
 
 
+@pytest.mark.slow
 def test_float16_loss_scales_stay_equal_on_every_replica(mirrored, tmp_path, monkeypatch):
     """Tiny DeepLabV2 in mixed_float16 under MirroredStrategy: the first steps overflow at the
     initial scale 2^15 and are skipped on both replicas together, which halve their scale."""
