@@ -19,7 +19,7 @@ from sait_tf.runtime.preemption import Preempted
 
 VERBOSE_ENV = "SAIT_VERBOSE"
 # Errors whose message names what the user must change (a file, a binding, a flag).
-_EXPLAINED = (OSError, ValueError, RuntimeError, KeyError)
+EXPLAINED_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 
 
 def parse_size(values: list[str] | None, flag: str) -> tuple[int, int] | None:
@@ -64,7 +64,7 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             if verbose():
                 raise
             message = one_line(error)
-            if not isinstance(error, _EXPLAINED):
+            if not isinstance(error, EXPLAINED_ERRORS):
                 message = (f"{type(error).__name__}: {message} (run with --verbose for the "
                            "traceback)")
             sys.exit(f"error: {message}")

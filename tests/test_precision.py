@@ -10,7 +10,7 @@ from tiny_models import NUM_CLASSES, segmentation_batch, tiny_translation_step
 from sait_tf.models import build_segmenter
 from sait_tf.models.discriminators import OutputDiscriminator
 from sait_tf.models.layers import SpectralNormalization
-from sait_tf.runtime import files
+from sait_tf.runtime import files, machine
 from sait_tf.train import distribute, optimizers
 from sait_tf.train.segmentation import train_segmenter
 from sait_tf.train.translation import DOMAINS
@@ -18,6 +18,10 @@ from sait_tf.train.translation import DOMAINS
 pytestmark = pytest.mark.usefixtures("skip_grappler")
 
 COMPUTE_DTYPES = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+BFLOAT16_MISSING = machine.onednn_bfloat16_missing()
+needs_bfloat16 = pytest.mark.skipif(
+    BFLOAT16_MISSING is not None, reason=f"no bfloat16 convolutions here: {BFLOAT16_MISSING}")
+POLICIES = [pytest.param("mixed_bfloat16", marks=needs_bfloat16), "mixed_float16"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +37,35 @@ def test_set_precision_sets_the_policy_of_models_built_afterwards():
         distribute.set_precision("float16")
     distribute.set_precision("mixed_float16")
     assert distribute.computes_in_float16(keras.layers.Dense(1))
+    if BFLOAT16_MISSING:
+        return
     distribute.set_precision("mixed_bfloat16")
     layer = keras.layers.Dense(1)
     assert not distribute.computes_in_float16(layer)
     assert (layer.compute_dtype, layer.variable_dtype) == ("bfloat16", "float32")
+
+
+@pytest.mark.parametrize("onednn, isa, flags, missing", [
+    (True, "AVX2", machine.AVX512_CORE_FLAGS, "ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN below"),
+    (True, "", ("avx", "avx2", "fma"), "the CPU has no AVX-512"),
+    (True, "avx512_core_amx", machine.AVX512_CORE_FLAGS, None),
+    (True, "", ("avx2", "avx_vnni", "avx_ne_convert"), None),
+    (False, "AVX2", ("avx2",), None),
+])
+def test_mixed_bfloat16_is_refused_where_onednn_has_no_bfloat16_convolutions(
+        monkeypatch, onednn, isa, flags, missing):
+    """oneDNN held to AVX2 fails at the first convolution ("could not create a primitive
+    descriptor"); set_precision names why before any model is built."""
+    monkeypatch.setattr(machine, "onednn_enabled", lambda: onednn)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: list(flags))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    if missing is None:
+        distribute.set_precision("mixed_bfloat16")
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        return
+    with pytest.raises(ValueError, match=f"set_precision.policy = 'mixed_bfloat16'.*{missing}"):
+        distribute.set_precision("mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_apply_gradients_halves_the_scale_on_skipped_steps_and_unscales_applied_ones():
@@ -82,7 +111,7 @@ def test_grouped_loss_scaling_unscales_gradients_and_keeps_weight_decay_unscaled
     np.testing.assert_allclose(base.numpy(), [4.0 - 1.0 * (2.0 + 0.25 * 4.0)])
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_translation_step_is_finite_in_mixed_precision(policy):
     distribute.set_precision(policy)
 
@@ -107,6 +136,7 @@ def test_translation_step_is_finite_in_mixed_precision(policy):
     assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+@needs_bfloat16
 def test_spectral_norm_writes_float32_master_kernels_under_mixed_precision():
     """One power iteration in float64 by hand: a kernel normalised in bfloat16 would be
     ~0.4% off, and the optimiser's small updates would be rounded away at every call."""
@@ -130,7 +160,7 @@ def test_spectral_norm_writes_float32_master_kernels_under_mixed_precision():
     np.testing.assert_allclose(layer.kernel.numpy(), kernel / sigma, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_segmenter_steps_are_finite_in_mixed_precision(policy, tmp_path):
     """Tiny DeepLabV2 (frozen BN, Caffe preprocessing) and D_seg, 8 steps: finite weights that
     moved. In float16 the first steps overflow at the initial loss scale 2^15 and are skipped

@@ -4,11 +4,13 @@ run directory, the mirrored outputs, resuming, and one-line errors."""
 import configparser
 import importlib
 import inspect
+import logging
 import os
 import shutil
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,7 +24,7 @@ from test_export import (
     write_run_dir,
 )
 
-from sait_tf import export, images, predict
+from sait_tf import cli, export, images, predict
 from sait_tf.models.translator import build_translator
 
 SIZES = ((32, 48), (24, 40))
@@ -99,26 +101,30 @@ def test_outputs_mirror_the_folders_and_equal_the_saved_model(saved_model_dir, v
     assert sizes == set(SIZES)
 
 
-def test_a_second_run_skips_every_image(saved_model_dir, val_dir, predicted):
+def test_a_second_run_skips_every_image(saved_model_dir, val_dir, predicted, caplog):
     mtimes = {stem: os.stat(predicted / f"{stem}.png").st_mtime_ns for stem in stems(predicted)}
-    result = run_predict("--saved_model", saved_model_dir, "--input", str(val_dir),
-                         "--out_dir", str(predicted))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == f"segmented 0 images into {predicted}"
-    assert "6 of 6 images already segmented" in result.stderr
+    with caplog.at_level(logging.INFO, logger="absl"):
+        count = predict.predict_files([str(val_dir)], str(predicted),
+                                      saved_model=saved_model_dir)
+    assert count == 0
+    assert "6 of 6 images already segmented" in caplog.text
     assert {stem: os.stat(predicted / f"{stem}.png").st_mtime_ns
             for stem in stems(predicted)} == mtimes
 
 
-def test_a_run_directory_gives_the_saved_model_outputs(segmenter, val_dir, predicted, tmp_path):
+def test_a_run_directory_gives_the_saved_model_outputs(segmenter, val_dir, predicted, tmp_path,
+                                                       caplog):
     translator = build_translator(segmenter.num_classes, **TINY_TRANSLATOR)
     translator.build()
     run_dir = tmp_path / "run"
     write_run_dir(str(run_dir), (segmenter, translator))
     out = tmp_path / "out"
-    result = run_predict("--run_dir", str(run_dir), str(val_dir), "--out_dir", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "segmenting with M of stage round_01_segmenter" in result.stderr
+    try:  # the run's config.gin rebuilds its segmenter: it binds gin for this process
+        with caplog.at_level(logging.INFO, logger="absl"):
+            assert predict.predict_files([str(val_dir)], str(out), run_dir=str(run_dir)) == 6
+    finally:
+        gin.clear_config()
+    assert "segmenting with M of stage round_01_segmenter" in caplog.text
     assert stems(out) == stems(predicted)
     for stem in stems(out):
         np.testing.assert_array_equal(read_png(out / f"{stem}.png"),
@@ -136,46 +142,62 @@ def test_a_run_directory_prefers_its_newest_export(segmenter, saved_model_dir, t
                                   served["labels"])
 
 
-def _no_final_json(tmp_path):
-    (tmp_path / "run").mkdir()
-    return "--run_dir", str(tmp_path / "run"), "--input", str(tmp_path / "images")
-
-
-# name: (extra arguments of tmp_path, the error line of tmp_path)
+# name: (predict_files's arguments in tmp_path, the error line of tmp_path)
 ERRORS = {
     "no such input": (
-        lambda d: ("--input", str(d / "nowhere")),
+        lambda d: {"inputs": [d / "nowhere"]},
         lambda d: f"error: no such image file or folder: {d / 'nowhere'}"),
     "no images found": (
-        lambda d: ("--input", str(d / "notes")),
+        lambda d: {"inputs": [d / "notes"]},
         lambda d: f"error: no .png, .jpg or .jpeg images in {d / 'notes'} (searched recursively)"),
     "run dir without final.json": (
-        _no_final_json,
+        lambda d: {"inputs": [d / "images"], "run_dir": d / "run"},
         lambda d: f"error: {d / 'run' / 'final.json'} does not exist; is '{d / 'run'}' a "
                   "training run?"),
     "unreadable image": (
-        lambda d: ("--input", str(d / "images"), "--input", str(d / "notes" / "fake.jpg")),
+        lambda d: {"inputs": [d / "images", d / "notes" / "fake.jpg"]},
         lambda d: f"error: cannot read {d / 'notes' / 'fake.jpg'}: not a PNG or JPEG image "
                   f"(cannot identify image file '{d / 'notes' / 'fake.jpg'}')"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(ERRORS))
-def test_user_errors_are_one_line_and_exit_1(saved_model_dir, tmp_path, case):
-    (tmp_path / "images").mkdir()
+def _error_case(case: str, saved_model_dir: str, tmp_path) -> tuple[dict, str]:
+    """predict_files's arguments for ERRORS[case] (the SavedModel unless the case names a run
+    directory) with its files in ``tmp_path``, and the error line the command must print."""
+    for folder in ("images", "notes", "run"):
+        (tmp_path / folder).mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "frame.png")
-    (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no images here")
-    arguments, error_line = ERRORS[case]
-    args = arguments(tmp_path)
     if case == "unreadable image":
         (tmp_path / "notes" / "fake.jpg").write_text("not a JPEG")
-    if "--run_dir" not in args:
-        args = ("--saved_model", saved_model_dir, *args)
-    result = run_predict(*args, "--out_dir", str(tmp_path / "out"))
+    arguments, error_line = ERRORS[case]
+    options = {"saved_model": saved_model_dir, **arguments(tmp_path),
+               "out_dir": tmp_path / "out"}
+    if "run_dir" in options:
+        del options["saved_model"]
+    options = {name: [str(path) for path in value] if name == "inputs" else str(value)
+               for name, value in options.items()}
+    return options, error_line(tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_user_errors_are_explained_in_one_line(saved_model_dir, tmp_path, case):
+    """In process: the line ``cli.guarded`` prints after ``error: `` for the program's error."""
+    options, error_line = _error_case(case, saved_model_dir, tmp_path)
+    with pytest.raises(cli.EXPLAINED_ERRORS) as raised:
+        predict.predict_files(**options)
+    assert f"error: {cli.one_line(raised.value)}" == error_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_ends_a_user_error_with_one_line_and_exit_1(saved_model_dir, tmp_path):
+    options, error_line = _error_case("unreadable image", saved_model_dir, tmp_path)
+    args = [argument for path in options.pop("inputs") for argument in ("--input", path)]
+    args += [f"--{name}={value}" for name, value in options.items()]
+    result = run_predict(*args)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == error_line(tmp_path)
+    assert result.stderr.strip().splitlines()[-1] == error_line
     assert not (tmp_path / "out").exists()
 
 

@@ -1,13 +1,19 @@
 """What a speed or memory figure was measured on, and which kernels TensorFlow runs here.
 
-``cpu_flags`` and ``simd_flags`` read the CPU without TensorFlow; ``onednn_enabled`` and
-``eigen_convolutions`` ask the TensorFlow that is imported.
+``cpu_flags`` and ``simd_flags`` read the CPU without TensorFlow; ``onednn_enabled``,
+``eigen_convolutions`` and ``onednn_bfloat16_missing`` ask the TensorFlow that is imported.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+
+# Values of ONEDNN_MAX_CPU_ISA below oneDNN's first instruction set with bfloat16
+# convolutions (AVX-512 core, emulated; AVX2_VNNI_2 and AVX-512 BF16 natively).
+ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
+AVX512_CORE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 
 def cpu_flags() -> list[str]:
@@ -46,3 +52,20 @@ def eigen_convolutions() -> bool:
     import tensorflow as tf
 
     return not tf.config.list_physical_devices("GPU") and onednn_enabled() is False
+
+
+def onednn_bfloat16_missing() -> str | None:
+    """Why TensorFlow's oneDNN kernels cannot run a bfloat16 convolution here ("could not
+    create a primitive descriptor" at the first step), or None when they can or are off, or
+    a GPU computes. oneDNN needs AVX-512 (or AVX2_VNNI_2) for bfloat16."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU") or not onednn_enabled():
+        return None
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa in ISAS_WITHOUT_BFLOAT16:
+        return f"ONEDNN_MAX_CPU_ISA={isa} holds oneDNN below AVX-512"
+    flags = cpu_flags()
+    if not (all(flag in flags for flag in AVX512_CORE_FLAGS) or "avx_ne_convert" in flags):
+        return "the CPU has no AVX-512"
+    return None

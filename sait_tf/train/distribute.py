@@ -18,6 +18,7 @@ import gin
 import keras
 import tensorflow as tf
 
+from sait_tf.runtime import machine
 from sait_tf.train import step_guard
 
 STRATEGY_KINDS = ("default", "mirrored", "multi_worker")
@@ -163,11 +164,17 @@ def set_precision(policy: str = "float32") -> None:
     ``mixed_bfloat16`` and ``mixed_float16`` keep variables in float32 and compute in 16
     bits; the trainers then take losses in float32 and, for float16, scale them with a
     ``keras.optimizers.LossScaleOptimizer``. Call before building the models: a layer keeps
-    the policy it was created with.
+    the policy it was created with. ``mixed_bfloat16`` is refused where oneDNN's kernels run
+    but cannot compute in bfloat16 (``machine.onednn_bfloat16_missing``).
     """
     if policy not in PRECISION_POLICIES:
         raise ValueError(f"set_precision.policy: expected one of {PRECISION_POLICIES}, got "
                          f"{policy!r}")
+    missing = machine.onednn_bfloat16_missing() if policy == "mixed_bfloat16" else None
+    if missing:
+        raise ValueError(f"set_precision.policy = 'mixed_bfloat16': TensorFlow's oneDNN kernels "
+                         f"have no bfloat16 convolutions here ({missing}); use 'float32', or "
+                         "TF_ENABLE_ONEDNN_OPTS=0 for TensorFlow's own, emulated ones")
     keras.mixed_precision.set_global_policy(policy)
 
 
