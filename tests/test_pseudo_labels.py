@@ -29,6 +29,18 @@ def test_fixed_threshold_known_logits():
     np.testing.assert_array_equal(got, [[[0, 255, 2, 1, 255]]])
 
 
+def test_probabilities_are_upsampled_after_the_softmax_as_in_bdl():
+    """Two output pixels, p(class 0) 0.99 and 0.8, up-sampled to three: the middle pixel's
+    confidence is the mean probability 0.895 (BDL's SSL.py), below 0.9; the softmax of the
+    mean logits would be 0.952 and keep it."""
+    logits = _logits_for([[0.99, 0.01], [0.8, 0.2]])
+    confidence, prediction = pl.confidences_and_argmax(logits, (1, 3))
+    np.testing.assert_allclose(confidence, [[[0.99, 0.895, 0.8]]], rtol=1e-6)
+    np.testing.assert_array_equal(prediction, [[[0, 0, 0]]])
+    got = pl.apply_thresholds(confidence, prediction, np.full(2, 0.9))
+    np.testing.assert_array_equal(got, [[[0, 255, 255]]])
+
+
 def test_class_median_thresholds_capped_at_th_ssl():
     # Class 0 confidences 0.5, 0.6, 0.95: median 0.6 keeps 0.6 and 0.95, drops 0.5.
     # Class 1 confidences 0.92, 0.95, 0.97, 0.99: median (rank 2) 0.97, capped at 0.9: all kept.

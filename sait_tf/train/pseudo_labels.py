@@ -36,8 +36,12 @@ THRESHOLDS_FILE = "thresholds.json"
 
 def confidences_and_argmax(logits: tf.Tensor, size: tuple[int, int] | tf.Tensor
                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Max softmax probability and argmax of NHWC ``logits`` upsampled to ``size``."""
-    probs = tf.nn.softmax(images.resize_logits(logits, size))
+    """Max probability and argmax at ``size``: the softmax of NHWC ``logits`` at M's output
+    resolution, up-sampled (bilinear, corners aligned), in BDL's order (liyunsheng13/BDL
+    ``SSL.py``: ``softmax``, then ``upsample(..., align_corners=True)``). Interpolated
+    probabilities are less confident near class boundaries than the softmax of interpolated
+    logits, so the order decides which pixels reach ``th_ssl``."""
+    probs = images.resize_logits(tf.nn.softmax(tf.cast(logits, tf.float32)), size)
     return (tf.reduce_max(probs, axis=-1).numpy(),
             tf.argmax(probs, axis=-1, output_type=tf.int32).numpy())
 
