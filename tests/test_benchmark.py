@@ -51,6 +51,32 @@ def test_count_flops_counts_executed_convolution_gradients_by_their_output():
     assert benchmark.count_flops(both) == 2 * forward_flops
 
 
+def test_step_breakdown_splits_flops_and_ops_by_layer_and_pass():
+    batch, height, width, k = 2, 8, 10, 3
+    alpha = keras.layers.Conv2D(4, k, padding="same", use_bias=False, name="alpha")
+    beta = keras.layers.Conv2D(5, k, padding="same", use_bias=False, name="beta")
+    x = tf.zeros([batch, height, width, 3])
+    beta(alpha(x))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(beta(alpha(x)))
+        return loss, tape.gradient(loss, alpha.trainable_variables + beta.trainable_variables)
+
+    function = tf.function(step).get_concrete_function(tf.TensorSpec(x.shape))
+    breakdown = benchmark.step_breakdown(function, {"alpha": "A", "beta": "B"})
+    alpha_flops = 2 * batch * height * width * 3 * 4 * k * k / 1e9
+    beta_flops = 2 * batch * height * width * 4 * 5 * k * k / 1e9
+    assert breakdown["A"]["gflops"] == pytest.approx(alpha_flops)
+    assert breakdown["B"]["gflops"] == pytest.approx(beta_flops)
+    # alpha's input gradient is never used (pruned); beta's reaches alpha.
+    assert breakdown["A backward"]["gflops"] == pytest.approx(alpha_flops)
+    assert breakdown["B backward"]["gflops"] == pytest.approx(2 * beta_flops)
+    assert sum(part["gflops"] for part in breakdown.values()) == pytest.approx(
+        benchmark.count_flops(function) / 1e9)
+    assert breakdown["A"]["ops"] >= 1 and breakdown["B backward"]["ops"] >= 2
+
+
 def test_matmul_peak_is_counted_flops_over_median_time():
     size = 64
     peak = benchmark.measure_matmul_peak(size, repeats=3, clock=fake_clock(0.25))
@@ -128,3 +154,17 @@ def test_train_only_translator_run_reports_the_step_against_the_matmul_rate(tmp_
         result["train_step_gflops"] / result["train_step_s"]
         / result["matmul_peak_gflops_per_s"])
     assert not {"forward_s", "inference_saved_model_s", "input_pipeline_images_per_s"} & set(result)
+    breakdown = result["train_step_breakdown"]
+    assert sum(part["gflops"] for part in breakdown.values()) == pytest.approx(
+        result["train_step_gflops"])
+    assert sum(part["ops"] for part in breakdown.values()) == result["train_step_ops"]
+    # D_S's first call has the scope of D_T's name ("..._1"): the two must still split evenly.
+    discriminators = sorted(label for label in breakdown if label.startswith("D_"))
+    assert len(discriminators) == 4
+    assert breakdown[discriminators[0]] == breakdown[discriminators[2]]
+    assert breakdown[discriminators[1]] == breakdown[discriminators[3]]
+    for network in ("source_encoder", "target_encoder", "source_generator", "target_generator"):
+        assert breakdown[f"F {network} backward"]["gflops"] > 0, network
+    # L_SCE's gradient reaches F through M.
+    assert breakdown["M (deeplabv2) backward"]["gflops"] > 0
+    assert result["train_step_trace_s"] > 0 and result["train_step_first_call_s"] > 0

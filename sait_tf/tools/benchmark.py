@@ -13,6 +13,11 @@ Measures, in one process on the same input:
                             computation in process (uint8 images -> outputs at input size);
   input_pipeline_*          ``readers.make_dataset`` over a synthetic GTA5-layout set (decode,
                             resize, crop, flip), iterated without a model;
+  train_step_trace_s, train_step_first_call_s
+                            seconds to trace the step, and of its first call (Grappler's
+                            graph optimisation, then the step): a stage's fixed cost;
+  train_step_breakdown      counted GFLOP and executed ops by network part, forward and
+                            backward (``step_breakdown``); train_step_ops their total;
   peak_rss_mb               the process's peak resident memory (``ru_maxrss``);
   *_gflops                  FLOPs counted by TensorFlow's profiler on the traced graphs, never
                             estimated, and the GFLOP/s achieved against a float32 matmul peak
@@ -32,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
 import sys
@@ -197,6 +203,21 @@ def _conv_backprop_flops(op: tf.Operation) -> int:
     return 2 * out_backprop.num_elements() * kernel[0] * kernel[1] * kernel[2]
 
 
+def _flops_per_op(function: tf.types.experimental.ConcreteFunction) -> dict[str, int]:
+    """Counted FLOPs of every op a call executes, by op name (``count_flops``)."""
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(graph=function.graph, options=options)
+    registered = {}
+    pending = list(profile.children)
+    while pending:
+        node = pending.pop()
+        registered[node.name] = node.float_ops
+        pending += node.children
+    return {op.name: _conv_backprop_flops(op) if op.type in CONV_BACKPROP_OPS
+            else registered.get(op.name, 0) for op in _live_ops(function)}
+
+
 def count_flops(function: tf.types.experimental.ConcreteFunction) -> int:
     """Floating-point operations of one call, counted by TensorFlow's profiler on the graph.
 
@@ -206,21 +227,56 @@ def count_flops(function: tf.types.experimental.ConcreteFunction) -> int:
     tensor (``_conv_backprop_flops``). Ops inside nested functions (``tf.cond`` branches such
     as the guarded optimiser update) and resizes are not counted. Shapes must be static.
     """
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    profile = tf.compat.v1.profiler.profile(graph=function.graph, options=options)
-    per_op = {}
-    pending = list(profile.children)
-    while pending:
-        node = pending.pop()
-        per_op[node.name] = node.float_ops
-        pending += node.children
-    total = sum(_conv_backprop_flops(op) if op.type in CONV_BACKPROP_OPS
-                else per_op.get(op.name, 0) for op in _live_ops(function))
+    total = sum(_flops_per_op(function).values())
     if total <= 0:
         raise ValueError(f"count_flops: no countable operation in {function.name} (are all "
                          "input shapes static?)")
     return int(total)
+
+
+# Ops that cost a call next to nothing: no kernel runs, or it returns a stored tensor.
+BOOKKEEPING_OPS = frozenset({"Const", "NoOp", "Identity", "Placeholder"})
+GRADIENT_SCOPE = "gradient_tape/"
+OTHER_PART = "other (losses, optimisers)"
+
+
+def step_breakdown(function: tf.types.experimental.ConcreteFunction,
+                   parts: dict[str, str]) -> dict[str, dict]:
+    """Counted GFLOP and executed ops of one call by network part and pass.
+
+    ``parts`` maps the name of a model or layer to the label reported; the ops of its N-th
+    call have the outermost name scope ``<name>_<N>`` (Keras' call scopes), and ops outside
+    every part count as ``OTHER_PART``. A gradient's ops get the label of their forward op
+    with " backward". ``ops`` leaves out ``BOOKKEEPING_OPS``. Time that FLOPs do not explain
+    (many small ops at small sizes) shows up as ops per GFLOP.
+    """
+    flops = _flops_per_op(function)
+    breakdown = {label + suffix: {"gflops": 0.0, "ops": 0}
+                 for label in (*parts.values(), OTHER_PART) for suffix in ("", " backward")}
+    for op in _live_ops(function):
+        name = op.name
+        backward = name.startswith(GRADIENT_SCOPE)
+        scope = name[len(GRADIENT_SCOPE):].split("/")[0] if backward else name.split("/")[0]
+        called = re.sub(r"_\d+$", "", scope)
+        label = parts.get(called, parts.get(scope, OTHER_PART)) + (" backward" if backward
+                                                                  else "")
+        breakdown[label]["gflops"] += flops[op.name] / 1e9
+        breakdown[label]["ops"] += op.type not in BOOKKEEPING_OPS
+    return dict(sorted(((label, part) for label, part in breakdown.items() if part["ops"]),
+                       key=lambda item: -item[1]["gflops"]))
+
+
+def model_parts(models: dict) -> dict[str, str]:
+    """``step_breakdown``'s parts of the benchmarked models: M, F's four networks, D_S, D_T."""
+    parts = {models["segmenter"].name: f"M ({models['segmenter'].name})"}
+    if "translator" in models:
+        translator = models["translator"]
+        for domain in DOMAINS:
+            parts[translator.encoder(domain).name] = f"F {translator.encoder(domain).name}"
+            parts[translator.generator(domain).name] = f"F {translator.generator(domain).name}"
+        for domain, discriminator in models["discriminators"].items():
+            parts[discriminator.name] = f"D_{domain[0].upper()} ({discriminator.name})"
+    return parts
 
 
 def time_calls(functions: dict[str, Callable[[], object]], steps: int, warmup: int,
@@ -577,6 +633,7 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
     models = _build_models(config)
 
     logging.info("benchmark: tracing the training step")
+    started = time.perf_counter()
     if config.model in SEGMENTERS:
         train_step = segmenter_train_step(models["segmenter"], config)
         train_args = (tf.constant(pixels), tf.constant(train_ids))
@@ -585,13 +642,26 @@ def _run(config: BenchmarkConfig, work_dir: str) -> dict:
                                            models["discriminators"], config)
         target_pixels = np.ascontiguousarray(pixels[:, ::-1])
         train_args = (tf.constant(pixels), tf.constant(target_pixels))
+    result["train_step_trace_s"] = time.perf_counter() - started
     result["train_step_gflops"] = count_flops(train_step) / 1e9
+    result["train_step_breakdown"] = step_breakdown(train_step, model_parts(models))
+    result["train_step_ops"] = sum(part["ops"] for part in result["train_step_breakdown"].values())
 
     steps = {"tensorflow": lambda: tf.nest.map_structure(lambda t: t.numpy(),
                                                          train_step(*train_args))}
     if config.torch:
         steps["torch"] = torch_train_step(config, pixels, train_ids, tensorflow_threads())
-    times = time_calls(steps, config.steps, config.warmup, rounds=config.steps,
+    warmup = config.warmup
+    if warmup:
+        # The first call optimises the graph (Grappler) before running it: timed on its own,
+        # as the first of the warm-up calls of every framework.
+        started = time.perf_counter()
+        steps["tensorflow"]()
+        result["train_step_first_call_s"] = time.perf_counter() - started
+        if config.torch:
+            steps["torch"]()
+        warmup -= 1
+    times = time_calls(steps, config.steps, warmup, rounds=config.steps,
                        stage="benchmark/train_step")
     result["train_step_s"] = _median(times["tensorflow"])
     result["train_step_times_s"] = times["tensorflow"]
@@ -743,9 +813,20 @@ def main(argv: list[str]) -> None:
     if FLAGS.json:
         files.write_json_atomically(FLAGS.json, result)
     summary = {key: result[key] for key in (*REQUIRED_KEYS, "peak_rss_mb_after_train",
-                                            "torch_train_step_s",
-                                            "train_step_over_torch") if key in result}
+                                            "torch_train_step_s", "train_step_over_torch",
+                                            "train_step_trace_s", "train_step_first_call_s",
+                                            "train_step_ops") if key in result}
     print(json.dumps(summary, indent=1))
+    print(format_breakdown(result["train_step_breakdown"]))
+
+
+def format_breakdown(breakdown: dict[str, dict]) -> str:
+    """``step_breakdown`` as a table: part, GFLOP, share of the FLOPs, executed ops."""
+    total = sum(part["gflops"] for part in breakdown.values()) or 1.0
+    lines = [f"{'part of the training step':48s} {'GFLOP':>9s} {'share':>6s} {'ops':>6s}"]
+    lines += [f"{name:48s} {part['gflops']:9.2f} {part['gflops'] / total:6.1%} {part['ops']:6d}"
+              for name, part in breakdown.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
