@@ -251,7 +251,7 @@ def step_breakdown(function: tf.types.experimental.ConcreteFunction,
     (many small ops at small sizes) shows up as ops per GFLOP.
     """
     flops = _flops_per_op(function)
-    breakdown = {label + suffix: {"gflops": 0.0, "ops": 0}
+    breakdown = {label + suffix: {"flops": 0, "ops": 0}
                  for label in (*parts.values(), OTHER_PART) for suffix in ("", " backward")}
     for op in _live_ops(function):
         name = op.name
@@ -260,10 +260,11 @@ def step_breakdown(function: tf.types.experimental.ConcreteFunction,
         called = re.sub(r"_\d+$", "", scope)
         label = parts.get(called, parts.get(scope, OTHER_PART)) + (" backward" if backward
                                                                   else "")
-        breakdown[label]["gflops"] += flops[op.name] / 1e9
+        breakdown[label]["flops"] += flops[op.name]
         breakdown[label]["ops"] += op.type not in BOOKKEEPING_OPS
-    return dict(sorted(((label, part) for label, part in breakdown.items() if part["ops"]),
-                       key=lambda item: -item[1]["gflops"]))
+    return {label: {"gflops": part["flops"] / 1e9, "ops": part["ops"]}
+            for label, part in sorted(breakdown.items(), key=lambda item: -item[1]["flops"])
+            if part["ops"]}
 
 
 def model_parts(models: dict) -> dict[str, str]:
