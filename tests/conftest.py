@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# sait_tf before TensorFlow: it turns on oneDNN, which TensorFlow reads once, at import.
+# sait_tf before TensorFlow: it sets the log level, which TensorFlow reads once, at import.
 import sait_tf  # noqa: E402, F401
 
 # isort: split
@@ -20,21 +20,21 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
-# The longest test files (slow tests included), longest first: about 230-450 s each on the
-# 2-core AVX2 machine of docs/PERFORMANCE.md, where the rest take 1-150 s. README's
-# command hands whole files to the pytest-xdist workers in collection order, so these start
-# first and the short files fill in around them. pytest-xdist would otherwise reorder the
-# files by their number of tests, and these few-test files would start last.
+# The longest test files (slow tests included), longest first: the first eight took 110-240 s
+# each in the full run of docs/PERFORMANCE.md ("Tests"), the rest under 70 s. README's command
+# hands whole files to the pytest-xdist workers in collection order, so these start first and
+# the short files fill in around them. pytest-xdist would otherwise reorder the files by their
+# number of tests, and these few-test files would start last.
 LONGEST_FILES_FIRST = (
-    "test_multiworker_shared_dir.py",
     "test_translation_trainer.py",
-    "test_multiworker_local_dirs.py",
+    "test_multiworker_shared_dir.py",
     "test_mirrored_pipeline.py",
+    "test_resume_equality.py",
     "test_crash_resume.py",
     "test_reliability.py",
-    "test_resume_equality.py",
+    "test_multiworker_local_dirs.py",
     "test_train_main.py",
-    "test_distribute.py",
+    "test_paper_scale.py",
     "test_bad_input.py",
 )
 
